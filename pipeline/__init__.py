@@ -1,0 +1,1 @@
+"""SQS → validate & mask → PostgreSQL COPY → ack: the wiring, CLI and lifecycle."""

@@ -1,0 +1,149 @@
+"""``python -m pipeline``: run, migrate, keygen, unmask, show.
+
+Every failure an operator can cause (a bad config key, a missing key, an unreachable
+service) ends as one ``error: …`` line on stderr and a non-zero exit, not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import orjson
+
+from stages.masking import KeyError_, Masker, generate_key, parse_key
+
+from .embedded import embedded, local_key
+from .logs import setup_logging
+from .runner import PreflightError, connect_postgres, run
+from .schema import migrate
+from .settings import ConfigError, Settings, load_settings
+
+log = logging.getLogger("pipeline")
+
+EXIT_CONFIG = 2
+EXIT_FAILURE = 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
+    p.add_argument("--config", type=Path, help="TOML config file (default: $PIPELINE_CONFIG or ./config.toml)")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    r = sub.add_parser("run", help="stream SQS into PostgreSQL until SIGINT/SIGTERM")
+    r.add_argument("--until-empty", action="store_true",
+                   help="exit once the queue has no visible or in-flight messages and all is flushed and acked")
+    sub.add_parser("migrate", help="create or adapt the user_logins table")
+    k = sub.add_parser("keygen", help="print a fresh masking key for PIPELINE_MASKING__KEY")
+    k.add_argument("--key-id", help="key id to embed (default: random)")
+    u = sub.add_parser("unmask", help="print the original of masked values, using the configured key")
+    u.add_argument("values", nargs="+", metavar="VALUE")
+    s = sub.add_parser("show", help="print the newest rows of the table (masked) and its row count")
+    s.add_argument("--limit", type=int, default=10)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    setup_logging(args.log_level)
+    if args.command == "keygen":
+        try:
+            print(generate_key(args.key_id).encode())
+        except KeyError_ as exc:
+            return _fail(str(exc), EXIT_CONFIG)
+        return 0
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        return _fail(f"config: {exc}", EXIT_CONFIG)
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover - platforms without uvloop
+        runner = asyncio.run
+    try:
+        return runner(COMMANDS[args.command](settings, args))
+    except (PreflightError, KeyError_, RuntimeError) as exc:
+        return _fail(str(exc), EXIT_FAILURE)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+async def _run(settings: Settings, args: argparse.Namespace) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    main_task = asyncio.current_task()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():  # second signal: stop now
+            log.warning("second signal, stopping without draining")
+            main_task.cancel()  # type: ignore[union-attr]
+            return
+        log.info("signal received, draining", extra={"signal": signal.Signals(signum).name})
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+    async with embedded(settings) as effective:
+        summary = await run(effective, until_empty=args.until_empty, stop=stop)
+        sys.stdout.write(orjson.dumps(summary).decode() + "\n")
+        sys.stdout.flush()
+        if effective is not settings and settings.embedded_postgres:
+            print(
+                f"Rows are in the embedded PostgreSQL ({settings.pipeline.state_dir / 'pg'}). "
+                "Look at them with: python -m pipeline show",
+                file=sys.stderr,
+            )
+    return 0
+
+
+async def _migrate(settings: Settings, args: argparse.Namespace) -> int:
+    async with embedded(settings, broker=False, key=False) as effective:
+        conn = await connect_postgres(effective)
+        try:
+            changes = await migrate(conn, effective.postgres.table)
+        finally:
+            await conn.close()
+    print(orjson.dumps({"table": settings.postgres.table, "changes": changes}).decode())
+    return 0
+
+
+async def _unmask(settings: Settings, args: argparse.Namespace) -> int:
+    key = settings.masking.key.get_secret_value()
+    if not key and settings.embedded:
+        key = local_key(settings.pipeline.state_dir)
+    if not key:
+        raise PreflightError("no masking key: set PIPELINE_MASKING__KEY")
+    masker = Masker([parse_key(key)])
+    for value in args.values:
+        print(masker.unmask(value))
+    return 0
+
+
+async def _show(settings: Settings, args: argparse.Namespace) -> int:
+    async with embedded(settings, broker=False, key=False) as effective:
+        conn = await connect_postgres(effective)
+        try:
+            table = effective.postgres.table
+            count = await conn.fetchval(f"SELECT count(*) FROM {table}")
+            rows = await conn.fetch(f"SELECT * FROM {table} ORDER BY create_date DESC NULLS LAST LIMIT $1", args.limit)
+        finally:
+            await conn.close()
+    for r in rows:
+        print(orjson.dumps(dict(r), default=str).decode())
+    print(f"{count} rows in {table}", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {"run": _run, "migrate": _migrate, "unmask": _unmask, "show": _show}

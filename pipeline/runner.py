@@ -1,0 +1,281 @@
+"""Wiring and lifecycle: build the stages, link them with bounded queues, run, drain, stop.
+
+    SqsSource ──raw──▶ Transformer ──rows──▶ CopySink ──acks──▶ Acker ──▶ DeleteMessageBatch
+         ▲                  └──────── dead letters ─────────────▶ │ ──▶ DLQ SendMessageBatch
+         └──────────── Leases (in-flight cap, heartbeat, release) ◀┘
+
+Shutdown is by sentinel: the source stops polling, ``None`` flows down the queues so each
+stage finishes what it holds, and the acker drains last. If that takes longer than the
+grace period, whatever is still held is released (visibility 0) for another consumer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+import asyncpg
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
+
+from stages.acker import Acker, Heartbeat, Leases, release
+from stages.masking import KeyError_, Masker, parse_key
+from stages.sink import CopySink, create_stage_table
+from stages.source import SqsSource
+from stages.transform import Transformer
+
+from .metrics import Stats
+from .schema import migrate
+from .settings import Settings, redact_dsn
+
+__all__ = ["run", "Runtime", "PreflightError", "sqs_client", "connect_postgres", "masker_from"]
+
+log = logging.getLogger("pipeline")
+
+
+class PreflightError(Exception):
+    """A dependency is missing or unreachable at start-up; one line for the operator."""
+
+
+def masker_from(settings: Settings) -> Masker:
+    key = settings.masking.key.get_secret_value()
+    if not key:
+        raise PreflightError(
+            "no masking key: set PIPELINE_MASKING__KEY (generate one with `python -m pipeline keygen`)"
+        )
+    try:
+        return Masker([parse_key(key)])
+    except KeyError_ as exc:
+        raise PreflightError(f"masking key: {exc}") from None
+
+
+@contextlib.asynccontextmanager
+async def sqs_client(settings: Settings, *, connect_timeout: float = 5, attempts: int = 4) -> AsyncIterator[Any]:
+    s = settings.sqs
+    config = AioConfig(
+        max_pool_connections=s.receivers + s.ackers + 8,
+        connect_timeout=connect_timeout,
+        read_timeout=s.wait_time_seconds + 15,
+        retries={"mode": "standard", "max_attempts": attempts},
+        tcp_keepalive=True,
+    )
+    async with get_session().create_client(
+        "sqs", region_name=s.region, endpoint_url=s.endpoint_url or None, config=config
+    ) as client:
+        yield client
+
+
+def _sqs_problem(exc: BaseException, what: str, url: str, endpoint: str) -> PreflightError:
+    if isinstance(exc, EndpointConnectionError):
+        return PreflightError(f"SQS endpoint {endpoint or 'AWS'} is unreachable ({what} {url})")
+    if isinstance(exc, NoCredentialsError):
+        return PreflightError("no AWS credentials found (standard chain: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, ~/.aws, role)")
+    if isinstance(exc, ClientError):
+        err = exc.response.get("Error", {})
+        code = err.get("Code", "")
+        if "NonExistentQueue" in code or "QueueDoesNotExist" in code:
+            return PreflightError(f"{what} {url} does not exist")
+        return PreflightError(f"SQS refused {what} {url}: {code}: {err.get('Message', '')}")
+    return PreflightError(f"SQS {what} {url}: {type(exc).__name__}: {exc}")
+
+
+async def check_queues(client: Any, settings: Settings) -> dict[str, str]:
+    """Attributes of the source queue; the DLQ must exist too (created if ``create_dlq``)."""
+    s = settings.sqs
+    if not s.dlq_url:
+        raise PreflightError("sqs.dlq_url is not set (PIPELINE_SQS__DLQ_URL): rejected messages need a dead-letter queue")
+    try:
+        attrs = (await client.get_queue_attributes(QueueUrl=s.queue_url, AttributeNames=["All"]))["Attributes"]
+    except (BotoCoreError, ClientError) as exc:
+        raise _sqs_problem(exc, "queue", s.queue_url, s.endpoint_url) from None
+    try:
+        await client.get_queue_attributes(QueueUrl=s.dlq_url, AttributeNames=["QueueArn"])
+    except ClientError as exc:
+        problem = _sqs_problem(exc, "dead-letter queue", s.dlq_url, s.endpoint_url)
+        if not (s.create_dlq and str(problem).endswith("does not exist")):
+            raise problem from None
+        await client.create_queue(QueueName=s.dlq_url.rstrip("/").rsplit("/", 1)[-1])
+        log.info("created dead-letter queue", extra={"dlq_url": s.dlq_url})
+    except BotoCoreError as exc:
+        raise _sqs_problem(exc, "dead-letter queue", s.dlq_url, s.endpoint_url) from None
+    return attrs
+
+
+async def connect_postgres(settings: Settings, timeout: float = 10) -> asyncpg.Connection:
+    dsn = settings.postgres.dsn.get_secret_value()
+    where = redact_dsn(dsn)
+    try:
+        return await asyncpg.connect(dsn, timeout=timeout)
+    except asyncpg.InvalidPasswordError:
+        raise PreflightError(f"PostgreSQL at {where}: authentication failed") from None
+    except asyncpg.InvalidCatalogNameError:
+        raise PreflightError(f"PostgreSQL at {where}: database does not exist") from None
+    except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        reason = type(exc).__name__ if isinstance(exc, asyncio.TimeoutError) else str(exc) or type(exc).__name__
+        raise PreflightError(f"PostgreSQL at {where} is unreachable: {reason}") from None
+    except ValueError as exc:
+        raise PreflightError(f"PostgreSQL DSN {where} is invalid: {exc}") from None
+
+
+@dataclass(eq=False)
+class Runtime:
+    """Live state that the HTTP endpoint and progress reporting read."""
+
+    settings: Settings
+    stats: Stats = field(default_factory=Stats)
+    leases: Leases | None = None
+    queues: dict[str, asyncio.Queue] = field(default_factory=dict)
+    source: SqsSource | None = None
+    sink: CopySink | None = None
+    client: Any = None
+    pool: asyncpg.Pool | None = None
+    running: bool = False
+    backlog: dict[str, int] = field(default_factory=dict)
+
+
+async def run(
+    settings: Settings, *, until_empty: bool = False, stop: asyncio.Event | None = None,
+    runtime: Runtime | None = None, observe_latency: Any = None,
+) -> dict:
+    """Run the pipeline until ``stop`` is set (or the queue is drained); return the summary."""
+    rt = runtime or Runtime(settings)
+    stats = rt.stats
+    stop = stop or asyncio.Event()
+    s, p = settings.sqs, settings.pipeline
+    masker = masker_from(settings)
+    async with contextlib.AsyncExitStack() as stack:
+        client = rt.client = await stack.enter_async_context(sqs_client(settings))
+        await check_queues(client, settings)
+        conn = await connect_postgres(settings)
+        try:
+            changes = await migrate(conn, settings.postgres.table)
+        finally:
+            await conn.close()
+        if changes:
+            log.info("migrated table", extra={"table": settings.postgres.table, "statements": len(changes)})
+        table = settings.postgres.table
+        pool = rt.pool = await asyncpg.create_pool(
+            settings.postgres.dsn.get_secret_value(), min_size=1, max_size=settings.postgres.pool_size,
+            init=lambda c: create_stage_table(c, table), command_timeout=60,
+        )
+        stack.push_async_callback(pool.close)
+
+        raw: asyncio.Queue = asyncio.Queue(p.queue_size)
+        rows: asyncio.Queue = asyncio.Queue(p.queue_size)
+        acks: asyncio.Queue = asyncio.Queue(p.queue_size * 4)
+        rt.queues = {"raw": raw, "rows": rows, "acks": acks}
+        leases = rt.leases = Leases(s.max_in_flight)
+        source = rt.source = SqsSource(
+            client, s.queue_url, raw, leases, stats,
+            receivers=s.receivers, wait_time_seconds=s.wait_time_seconds, visibility_timeout=s.visibility_timeout,
+        )
+        transformer = Transformer(raw, rows, acks, masker, stats, s.max_receive_count)
+        sink = rt.sink = CopySink(
+            pool, table, rows, acks, stats, batch_size=p.batch_size, batch_timeout=p.batch_timeout,
+            observe_latency=observe_latency,
+        )
+        acker = Acker(client, s.queue_url, s.dlq_url, acks, leases, stats, s.ackers)
+        heartbeat = Heartbeat(client, s.queue_url, leases, stats, s.visibility_timeout or 30)
+
+        source_task = asyncio.create_task(source.run(), name="source")
+        stage_tasks = [
+            asyncio.create_task(transformer.run(), name="transformer"),
+            asyncio.create_task(sink.run(), name="sink"),
+            asyncio.create_task(acker.run(), name="acker"),
+        ]
+        helpers = [
+            asyncio.create_task(heartbeat.run(), name="heartbeat"),
+            asyncio.create_task(_progress(rt, p.progress_interval), name="progress"),
+        ]
+        if until_empty:
+            helpers.append(asyncio.create_task(_until_empty(rt, stop), name="until-empty"))
+        rt.running = True
+        log.info("pipeline started", extra={"queue_url": s.queue_url, "table": table, "receivers": s.receivers,
+                                            "batch_size": p.batch_size, "key_id": masker.active})
+        stopper = asyncio.create_task(stop.wait())
+        try:
+            done, _ = await asyncio.wait([stopper, source_task, *stage_tasks], return_when=asyncio.FIRST_COMPLETED)
+            crashed = [t for t in done if t is not stopper and not t.cancelled() and t.exception() is not None]
+            if crashed:
+                raise crashed[0].exception()  # type: ignore[misc]
+            log.info("draining", extra={"held": len(leases)})
+            source_task.cancel()
+            await asyncio.gather(source_task, return_exceptions=True)
+            await raw.put(None)
+            try:
+                await asyncio.wait_for(asyncio.gather(*stage_tasks), p.grace_seconds)
+            except asyncio.TimeoutError:
+                log.warning("grace period over, releasing unfinished messages", extra={"held": len(leases)})
+        finally:
+            rt.running = False
+            stopper.cancel()
+            for t in [source_task, *stage_tasks, *helpers]:
+                t.cancel()
+            await asyncio.gather(source_task, *stage_tasks, *helpers, return_exceptions=True)
+            if len(leases):
+                await release(client, s.queue_url, leases, stats)
+    summary = stats.summary()
+    log.info("pipeline stopped", extra=summary)
+    return summary
+
+
+async def queue_backlog(client: Any, queue_url: str) -> dict[str, int]:
+    attrs = (await client.get_queue_attributes(
+        QueueUrl=queue_url,
+        AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible",
+                        "ApproximateNumberOfMessagesDelayed"],
+    ))["Attributes"]
+    return {
+        "visible": int(attrs.get("ApproximateNumberOfMessages", 0)),
+        "in_flight": int(attrs.get("ApproximateNumberOfMessagesNotVisible", 0)),
+        "delayed": int(attrs.get("ApproximateNumberOfMessagesDelayed", 0)),
+    }
+
+
+def _idle(rt: Runtime) -> bool:
+    return len(rt.leases or ()) == 0 and all(q.empty() for q in rt.queues.values())
+
+
+async def _until_empty(rt: Runtime, stop: asyncio.Event, interval: float = 0.5) -> None:
+    """Stop once the queue has nothing visible, in flight or delayed, and we hold nothing.
+
+    Messages in flight elsewhere (a crashed consumer's) count: we wait for them to become
+    visible again and process them, so a restart after a crash really drains the queue.
+    """
+    quiet = 0
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            rt.backlog = await queue_backlog(rt.client, rt.settings.sqs.queue_url)
+        except (BotoCoreError, ClientError, OSError) as exc:
+            rt.stats.errors["sqs"] += 1
+            log.warning("queue attributes unavailable", extra={"error": type(exc).__name__})
+            quiet = 0
+            continue
+        if not any(rt.backlog.values()) and _idle(rt):
+            quiet += 1
+            if quiet >= 2:
+                stop.set()
+                return
+        else:
+            quiet = 0
+
+
+async def _progress(rt: Runtime, interval: float) -> None:
+    stats = rt.stats
+    last, last_t = 0, time.monotonic()
+    while True:
+        await asyncio.sleep(interval)
+        now = time.monotonic()
+        log.info("progress", extra={
+            "rate_per_s": round((stats.inserted - last) / (now - last_t), 1),
+            "received": stats.received, "inserted": stats.inserted, "duplicates": stats.duplicates,
+            "rejected": stats.rejected, "acked": stats.acked, "held": len(rt.leases or ()),
+            "backlog": rt.backlog,
+        })
+        last, last_t = stats.inserted, now

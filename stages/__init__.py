@@ -1,0 +1,1 @@
+"""Pipeline stages, one module each; they talk only through bounded asyncio queues."""

@@ -1,0 +1,108 @@
+"""Session fixtures that run real LocalStack (SQS/KMS) and PostgreSQL, started from PyPI packages.
+
+Services start lazily: a test run that never asks for ``localstack`` or ``postgres`` pays nothing.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `tests.services` must import under any pytest import mode
+    sys.path.insert(0, str(REPO))
+
+from tests.services import REGION, LocalStack, Postgres, sqs_client  # noqa: E402
+
+CACHE_DIR = REPO / ".cache"  # LocalStack venv, reused across runs (git-ignored)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: takes more than a few seconds (fault injection, volume)")
+    config.addinivalue_line("markers", "e2e: runs the whole pipeline against LocalStack and PostgreSQL")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def aws_env() -> Iterator[None]:
+    """Dummy AWS credentials for the whole session, so no test can ever reach real AWS accounts."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AWS_ACCESS_KEY_ID", "test")
+        mp.setenv("AWS_SECRET_ACCESS_KEY", "test")
+        mp.setenv("AWS_DEFAULT_REGION", REGION)
+        for name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL"):
+            mp.delenv(name, raising=False)
+        yield
+
+
+@pytest.fixture(scope="session")
+def localstack() -> Iterator[LocalStack]:
+    """One LocalStack per session (~1-2 s warm; ~1 min on the first run, which installs its venv)."""
+    ls = LocalStack.start(CACHE_DIR)
+    try:
+        yield ls
+    finally:
+        ls.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """One PostgreSQL per session.
+
+    The data dir lives in a fresh dir under the system tmp, not pytest's basetemp: as root the
+    server runs as user ``pgserver``, and pytest resets ``/tmp/pytest-of-root`` to 0700 whenever
+    another session starts, which would stop this server from being restarted mid-test.
+    """
+    root = Path(tempfile.mkdtemp(prefix="pytest-pg-"))
+    pg = Postgres(root / "data")
+    try:
+        yield pg
+    finally:
+        pg.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class Queues:
+    queue_url: str
+    dlq_url: str
+    endpoint: str
+    client: Any  # botocore SQS client (sync), bound to ``endpoint``
+
+
+@pytest.fixture
+def queues(localstack: LocalStack) -> Iterator[Queues]:
+    """A fresh queue and dead-letter queue (no redrive policy attached), deleted afterwards."""
+    client = sqs_client(localstack.endpoint)
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    queue_url = client.create_queue(QueueName=name)["QueueUrl"]
+    dlq_url = client.create_queue(QueueName=f"{name}-dlq")["QueueUrl"]
+    try:
+        yield Queues(queue_url, dlq_url, localstack.endpoint, client)
+    finally:
+        for url in (queue_url, dlq_url):
+            try:
+                client.delete_queue(QueueUrl=url)
+            except Exception:  # LocalStack gone already: nothing to clean
+                pass
+        client.close()
+
+
+@pytest.fixture
+def pg_dsn(postgres: Postgres) -> Iterator[str]:
+    """DSN (unix socket) of a fresh, empty database; dropped afterwards even if connections linger."""
+    postgres.start()  # heal a server a previous fault test left stopped
+    name = f"t_{uuid.uuid4().hex[:8]}"
+    postgres.psql(f"CREATE DATABASE {name}")
+    try:
+        yield postgres.url(name)
+    finally:
+        postgres.start()
+        postgres.psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

@@ -1,0 +1,380 @@
+"""Real backing services for tests, built from Python + PyPI only (no Docker).
+
+* LocalStack (SQS, KMS) in host mode, from a venv of its own, cached under ``.cache``.
+* PostgreSQL 16 from the ``pgserver`` wheel, restartable mid-test.
+* A threaded TCP proxy that can cut a service off and restore it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import fcntl
+import os
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+import warnings
+from pathlib import Path
+from typing import Any
+
+# LocalStack >= 4.13 no longer runs on Python 3.11; the caps pin its deps to versions 4.12 works with.
+LOCALSTACK_REQUIREMENTS = (
+    "localstack-core[runtime]==4.12.0",
+    "cbor2<5.7",
+    "cryptography<45",
+    "pyopenssl<25",
+    "joserfc<1.3",
+    "service_identity<25",
+)
+
+
+REGION = "us-east-1"
+
+
+def sqs_client(endpoint: str, **config: Any) -> Any:
+    """A sync botocore SQS client for LocalStack (or a proxy in front of it); ``config`` -> botocore Config."""
+    import botocore.config
+    import botocore.session
+
+    return botocore.session.get_session().create_client(
+        "sqs", endpoint_url=endpoint, region_name=REGION, aws_access_key_id="test", aws_secret_access_key="test",
+        config=botocore.config.Config(**config),
+    )
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http_ok(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Poll ``url`` until it answers 200; fail early if ``proc`` dies meanwhile.
+
+    Proxies are bypassed: the services always live on 127.0.0.1.
+    """
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
+        try:
+            with opener.open(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.25)
+    raise TimeoutError(f"{url} did not answer 200 within {timeout:.0f}s")
+
+
+def _clean_env() -> dict[str, str]:
+    """Our environment minus what would leak the test interpreter's packages into another Python."""
+    return {k: v for k, v in os.environ.items() if k not in {"PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV"}}
+
+
+def _tail(path: Path, lines: int = 60) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return f"(no log at {path})"
+
+
+def _ensure_localstack_venv(venv: Path) -> Path:
+    """Install LocalStack into ``venv`` once; return its python.
+
+    A file lock keeps concurrent test runs from installing over each other; the marker (holding
+    the pinned requirements) is written only after a successful install, so a half-finished or
+    outdated venv is rebuilt.
+    """
+    python = venv / "bin" / "python"
+    marker = venv / ".installed"
+    wanted = "\n".join(LOCALSTACK_REQUIREMENTS)
+
+    def usable() -> bool:
+        if not marker.exists() or marker.read_text() != wanted:
+            return False
+        probe = subprocess.run([python, "-c", "import localstack"], env=_clean_env(), capture_output=True)
+        return probe.returncode == 0
+
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    with open(venv.parent / f"{venv.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if usable():
+            return python
+        shutil.rmtree(venv, ignore_errors=True)
+        log = venv.parent / f"{venv.name}-install.log"
+        with open(log, "wb") as out:
+            # The venv's pip reads the system/user pip config and PIP_* variables (mirrors, certs).
+            steps = [
+                [sys.executable, "-m", "venv", str(venv)],
+                [python, "-m", "pip", "install", *LOCALSTACK_REQUIREMENTS],
+            ]
+            for cmd in steps:
+                if subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=_clean_env(), timeout=900).returncode:
+                    raise RuntimeError(f"LocalStack install failed: {cmd}\n{_tail(log)}")
+        marker.write_text(wanted)
+        return python
+
+
+class LocalStack:
+    """A LocalStack (SQS + KMS) process on a free port, in its own process group."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], port: int, run_dir: Path) -> None:
+        self.proc = proc
+        self.port = port
+        self.endpoint = f"http://127.0.0.1:{port}"
+        self.run_dir = run_dir
+        self.log = run_dir / "localstack.log"
+
+    @classmethod
+    def start(cls, cache_dir: Path, timeout: float = 120) -> LocalStack:
+        """Install (if needed) and start LocalStack; return once its health endpoint answers."""
+        python = _ensure_localstack_venv(cache_dir / "localstack-venv")
+        port = free_port()
+        # Per-instance scratch: LocalStack wipes its tmp folder on start/stop, which must not
+        # hit a concurrently running instance.
+        run_dir = Path(tempfile.mkdtemp(prefix="localstack-run-", dir=cache_dir))
+        env = _clean_env() | {
+            "SERVICES": "sqs,kms",
+            "GATEWAY_LISTEN": f"127.0.0.1:{port}",
+            "LOCALSTACK_HOST": f"127.0.0.1:{port}",
+            "SQS_ENDPOINT_STRATEGY": "off",  # queue URLs are http://127.0.0.1:PORT/<account>/<name>
+            "SKIP_SSL_CERT_DOWNLOAD": "1",  # no network here; don't even try
+            "DISABLE_EVENTS": "1",  # no analytics calls
+            "FILESYSTEM_ROOT": str(run_dir / "fs"),
+            "TMPDIR": str(run_dir),
+        }
+        with open(run_dir / "localstack.log", "wb") as out:
+            proc = subprocess.Popen(
+                [str(python), "-m", "localstack.runtime.main"],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=env, cwd=run_dir, start_new_session=True,
+            )
+        ls = cls(proc, port, run_dir)
+        atexit.register(ls.stop)  # in case the session finalizer never runs
+        try:
+            wait_http_ok(f"{ls.endpoint}/_localstack/health", timeout, proc)
+        except Exception as exc:
+            ls.stop(keep_log=True)
+            raise RuntimeError(f"LocalStack did not start ({exc}); log {ls.log}:\n{_tail(ls.log)}") from exc
+        return ls
+
+    def stop(self, keep_log: bool = False) -> None:
+        """Kill the whole process group (TERM, then KILL) and drop the scratch dir; idempotent."""
+        if self.proc.poll() is None:
+            for sig, grace in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
+                try:
+                    os.killpg(self.proc.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    self.proc.wait(grace)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        if not keep_log:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+class Postgres:
+    """PostgreSQL 16 from the ``pgserver`` wheel, listening on a unix socket and 127.0.0.1:port.
+
+    pgserver does initdb and the first start (as root it creates a ``pgserver`` system user and
+    runs the server as that user, because postgres refuses to run as root). We then restart it
+    with our own ``pg_ctl`` options -- as that same user -- to add a TCP port and to be able to
+    ``stop()``/``start()`` it mid-test; the DSNs stay valid across restarts.
+    """
+
+    def __init__(self, data_dir: Path) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # platformdirs warns about a missing XDG_RUNTIME_DIR on import
+            import pgserver
+
+        srv = pgserver.get_server(data_dir, cleanup_mode=None)  # we stop it ourselves in close()
+        self.data_dir: Path = srv.pgdata
+        self._user: str | None = srv.system_user  # None unless we are root
+        self._bin = Path(pgserver.POSTGRES_BIN_PATH)
+        socket_dir = srv.get_postmaster_info().socket_dir
+        assert socket_dir is not None
+        self.socket_dir: Path = socket_dir
+        self.port = free_port()
+        self.dsn = self.url()
+        self.tcp_dsn = self.url(tcp=True)
+        self._closed = False
+        atexit.register(self.close)
+        self.stop()
+        self.start()
+
+    def url(self, database: str = "postgres", *, tcp: bool = False) -> str:
+        """DSN of ``database`` as superuser ``postgres`` (trust auth), via unix socket or TCP."""
+        if tcp:
+            return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+        return f"postgresql://postgres@/{database}?host={self.socket_dir}&port={self.port}"
+
+    def _ctl(self, *args: str) -> None:
+        # Output goes to a file, not a pipe: the postmaster started by pg_ctl could hold a pipe open.
+        with tempfile.TemporaryFile() as out:
+            res = subprocess.run(
+                [self._bin / "pg_ctl", "-D", str(self.data_dir), *args],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, user=self._user, timeout=120,
+            )
+            if res.returncode:
+                out.seek(0)
+                output = out.read().decode(errors="replace")
+                raise RuntimeError(f"pg_ctl {' '.join(args)} failed:\n{output}\n{_tail(self.data_dir / 'log')}")
+
+    @property
+    def running(self) -> bool:
+        res = subprocess.run(
+            [self._bin / "pg_ctl", "-D", str(self.data_dir), "status"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, user=self._user,
+        )
+        return res.returncode == 0
+
+    def start(self) -> None:
+        """Start the server if it is down (idempotent), on the same socket and port as before."""
+        if self.running:
+            return
+        opts = f"-h 127.0.0.1 -p {self.port} -k {self.socket_dir} -c fsync=off"
+        self._ctl("-w", "-t", "60", "-l", str(self.data_dir / "log"), "-o", opts, "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stop the server: 'fast' disconnects clients and shuts down cleanly, 'immediate' ~ a crash."""
+        if self.running:
+            self._ctl("-w", "-t", "60", "-m", mode, "stop")
+
+    def psql(self, sql: str, database: str = "postgres") -> str:
+        """Run SQL as superuser with the bundled psql; unaligned, tuples-only output."""
+        res = subprocess.run(
+            [self._bin / "psql", "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", self.url(database), "-c", sql],
+            capture_output=True, text=True, timeout=60,
+        )
+        if res.returncode:
+            raise RuntimeError(f"psql failed ({sql!r}): {res.stderr}")
+        return res.stdout
+
+    def close(self) -> None:
+        """Stop the server for good; idempotent."""
+        if not self._closed:
+            self._closed = True
+            self.stop()
+
+
+class TcpProxy:
+    """Threaded TCP forwarder 127.0.0.1:port -> target, to make a service unreachable on demand.
+
+    ``block()`` closes the listener (new connections are refused) and shuts down every open
+    connection; ``unblock()`` listens again on the same port, so endpoints stay valid.
+    """
+
+    def __init__(self, target_host: str, target_port: int, port: int = 0) -> None:
+        self.target = (target_host, target_port)
+        self.port = port or free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._lock = threading.Lock()
+        self._conns: set[socket.socket] = set()
+        self._listener: socket.socket | None = None
+        self._acceptor: threading.Thread | None = None
+        self.unblock()
+
+    @classmethod
+    def to_url(cls, url: str) -> TcpProxy:
+        """Proxy for an http://host:port endpoint."""
+        host, _, port = url.split("://", 1)[-1].split("/", 1)[0].rpartition(":")
+        return cls(host, int(port))
+
+    @property
+    def blocked(self) -> bool:
+        return self._listener is None
+
+    def unblock(self) -> None:
+        """Accept connections again (no-op if not blocked)."""
+        with self._lock:
+            if self._listener is not None:
+                return
+            ls = socket.socket()
+            ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            ls.bind(("127.0.0.1", self.port))
+            ls.listen(128)
+            ls.settimeout(0.1)  # lets the acceptor notice block() promptly
+            self._listener = ls
+            self._acceptor = threading.Thread(target=self._accept, args=(ls,), daemon=True)
+            self._acceptor.start()
+
+    def block(self) -> None:
+        """Refuse new connections and cut the open ones; returns once the port is closed."""
+        with self._lock:
+            ls, self._listener = self._listener, None
+            for s in self._conns:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)  # wakes the pump thread, which closes it
+                except OSError:
+                    pass
+        if ls is not None:
+            assert self._acceptor is not None
+            self._acceptor.join()
+            ls.close()
+
+    close = block
+
+    def __enter__(self) -> TcpProxy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _accept(self, ls: socket.socket) -> None:
+        while self._listener is ls:
+            try:
+                client, _ = ls.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        client.setblocking(True)
+        try:
+            upstream = socket.create_connection(self.target, timeout=5)
+            upstream.settimeout(None)
+        except OSError:
+            client.close()
+            return
+        pair = (client, upstream)
+        with self._lock:
+            if self._listener is None:  # blocked while we were connecting
+                for s in pair:
+                    s.close()
+                return
+            self._conns.update(pair)
+        peer = {client: upstream, upstream: client}
+        sel = selectors.DefaultSelector()
+        for s in pair:
+            sel.register(s, selectors.EVENT_READ)
+        try:
+            while True:
+                for key, _ in sel.select():
+                    src: socket.socket = key.fileobj  # type: ignore[assignment]
+                    data = src.recv(65536)
+                    if not data:
+                        return
+                    peer[src].sendall(data)
+        except OSError:
+            pass
+        finally:
+            sel.close()
+            with self._lock:
+                self._conns.difference_update(pair)
+            for s in pair:
+                s.close()
