@@ -1,8 +1,8 @@
 # Container image for the user-login pipeline (SQS -> mask PII -> PostgreSQL).
 #
 #   docker build -t login-pipeline .
-#   docker run --rm login-pipeline check        # validate config + reachability
 #   docker run --rm login-pipeline keygen       # print a fresh masking key
+#   docker run --rm -e PIPELINE_POSTGRES__DSN=... login-pipeline migrate
 #
 # The image runs the external-services mode only: the [embedded] extra (pgserver,
 # moto) is not installed, so PIPELINE_SQS__QUEUE_URL, PIPELINE_SQS__DLQ_URL,

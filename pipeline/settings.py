@@ -131,8 +131,10 @@ def _unknown_env_keys() -> list[str]:
         if not var.startswith(ENV_PREFIX) or var == ENV_PREFIX + "CONFIG":
             continue
         section, sep, key = var[len(ENV_PREFIX):].partition("__")
+        if not sep:  # e.g. Kubernetes service links (PIPELINE_SERVICE_HOST): not ours
+            continue
         field = sections.get(section)
-        if not sep or field is None or key.lower() not in field.annotation.model_fields:  # type: ignore[union-attr]
+        if field is None or key.lower() not in field.annotation.model_fields:  # type: ignore[union-attr]
             bad.append(var)
     return bad
 

@@ -27,6 +27,11 @@ RETRYABLE = (BotoCoreError, ClientError, OSError, asyncio.TimeoutError)
 _DLQ_BATCH_BYTES = 200_000  # stay under SendMessageBatch's 256 KiB total
 
 
+# Per-entry failures that no retry can fix.
+PERMANENT_ENTRY_ERRORS = frozenset({"ReceiptHandleIsInvalid", "InvalidParameterValue", "MessageNotInflight", "InvalidIdFormat"})
+ENTRY_ATTEMPTS = 8  # entries failing for other reasons are given up after this many calls
+
+
 class RetryableSqsError(Exception):
     """Some entries of a batch call failed for a reason worth retrying."""
 
@@ -39,7 +44,7 @@ def _retrying(stats: Stats) -> AsyncRetrying:
 
     return AsyncRetrying(
         retry=retry_if_exception_type(RETRYABLE + (RetryableSqsError,)),
-        wait=wait_exponential_jitter(initial=0.2, max=10),
+        wait=wait_exponential_jitter(multiplier=0.2, max=10, jitter=0.5),
         before_sleep=before_sleep,
         reraise=True,
     )
@@ -58,16 +63,27 @@ class Leases:
     def __init__(self, max_in_flight: int) -> None:
         self.max_in_flight = max_in_flight
         self.held: dict[str, float] = {}  # receipt handle -> monotonic time of receipt/extension
+        self._reserved = 0  # room promised to receive calls under way
         self._room = asyncio.Event()
         self._room.set()
 
     def __len__(self) -> int:
         return len(self.held)
 
-    async def wait_room(self, n: int) -> None:
-        while len(self.held) + n > self.max_in_flight:
+    async def reserve(self, n: int) -> None:
+        """Wait until ``n`` more messages fit under the cap, and promise them that room."""
+        while len(self.held) + self._reserved + n > self.max_in_flight:
             self._room.clear()
             await self._room.wait()
+        self._reserved += n
+
+    def unreserve(self, n: int) -> None:
+        self._reserved -= n
+        self._wake()
+
+    def _wake(self) -> None:
+        if len(self.held) + self._reserved < self.max_in_flight:
+            self._room.set()
 
     def add(self, msgs: list[dict]) -> None:
         now = time.monotonic()
@@ -79,8 +95,7 @@ class Leases:
         pop = self.held.pop
         for h in handles:
             pop(h, None)
-        if len(self.held) < self.max_in_flight:
-            self._room.set()
+        self._wake()
 
 
 class Acker:
@@ -139,18 +154,17 @@ class Acker:
                 done = [pending.pop(e["Id"]) for e in resp.get("Successful", ())]
                 self.stats.acked += len(done)
                 self.leases.drop(done)
-                retry = False
-                for failure in resp.get("Failed", ()):
-                    if failure.get("SenderFault"):
-                        # Invalid or expired handle: the message will be redelivered and deduplicated.
-                        self.stats.ack_failures += 1
-                        log.warning("delete rejected", extra={"error": failure.get("Code")})
-                        self.leases.drop([pending.pop(failure["Id"])])
-                    else:
-                        retry = True
-                if retry and pending:
-                    self.stats.ack_failures += len(pending)
-                    raise RetryableSqsError(f"{len(pending)} deletes failed")
+                failed = resp.get("Failed", ())
+                if failed:
+                    self.stats.ack_failures += len(failed)
+                    last_try = attempt.retry_state.attempt_number >= ENTRY_ATTEMPTS
+                    for f in failed:
+                        if last_try or f.get("SenderFault") or f.get("Code") in PERMANENT_ENTRY_ERRORS:
+                            # The message stays on the queue, comes back, and the sink deduplicates it.
+                            log.warning("delete failed for good", extra={"error": f.get("Code")})
+                            self.leases.drop([pending.pop(f["Id"])])
+                    if pending:
+                        raise RetryableSqsError(f"{len(pending)} deletes failed")
 
     async def _dead_letter(self, dead: list[tuple[dict, str, str]]) -> None:
         chunk: list[tuple[dict, str, str]] = []

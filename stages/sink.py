@@ -95,7 +95,7 @@ class CopySink:
         """Commit ``rows`` (retrying transient errors forever), then pass ``msgs`` on."""
         async for attempt in AsyncRetrying(
             retry=retry_if_exception(_is_transient),
-            wait=wait_exponential_jitter(initial=0.2, max=10),
+            wait=wait_exponential_jitter(multiplier=0.2, max=10, jitter=0.5),
             before_sleep=self._on_retry,
             reraise=True,
         ):

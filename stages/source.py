@@ -53,16 +53,21 @@ class SqsSource:
         receive, request, leases, put = self.client.receive_message, self._request, self.leases, self.outbox.put
         backoff = 0.0
         while True:
-            await leases.wait_room(10)
+            await leases.reserve(10)
             try:
                 resp = await receive(**request)
             except RETRYABLE as exc:
+                leases.unreserve(10)
                 self.stats.errors["sqs"] += 1
                 self.last_poll_ok = False
                 backoff = min(max(backoff * 2, 0.2), 10.0)
                 log.warning("receive failed, backing off", extra={"error": _describe(exc), "receiver": n, "sleep_s": round(backoff, 2)})
                 await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
                 continue
+            except BaseException:
+                leases.unreserve(10)
+                raise
+            leases.unreserve(10)
             backoff = 0.0
             self.last_poll_ok = True
             msgs = resp.get("Messages")

@@ -34,6 +34,7 @@ COLUMNS = (
 _VERSION = re.compile(r"[0-9]+(?:\.[0-9]+)*")
 # A JSON \u0000 escape that is not itself escaped (an even run of backslashes before it).
 _NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+_REQUIRED = frozenset(("user_id", "device_type", "ip", "device_id", "app_version"))
 _DAY_MS = 86_400_000
 _EPOCH = dt.date(1970, 1, 1)
 
@@ -117,6 +118,8 @@ def to_row(body: str | bytes, message_id: str, sent_ms: int, masker: Masker) -> 
     if _NUL_ESCAPE.search(body if isinstance(body, str) else body.decode("utf-8", "replace")):
         raise Rejected("body.nul", "body: contains a NUL character")
 
+    if _REQUIRED.isdisjoint(event):
+        raise Rejected("body.not_login_event", "body: not a login event (none of the required fields is present)")
     user_id = _text(event, "user_id", 128)
     device_type = _text(event, "device_type", 32)
     ip = _text(event, "ip", 64)

@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from botocore.exceptions import BotoCoreError, ClientError
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `tests.services` must import under any pytest import mode
     sys.path.insert(0, str(REPO))
 
-from tests.services import REGION, LocalStack, Postgres, sqs_client  # noqa: E402
+from tests.services import REGION, LocalStack, Postgres, sqs_client
 
 CACHE_DIR = REPO / ".cache"  # LocalStack venv, reused across runs (git-ignored)
 
@@ -90,7 +91,7 @@ def queues(localstack: LocalStack) -> Iterator[Queues]:
         for url in (queue_url, dlq_url):
             try:
                 client.delete_queue(QueueUrl=url)
-            except Exception:  # LocalStack gone already: nothing to clean
+            except (BotoCoreError, ClientError):  # already gone, or LocalStack is: nothing to clean
                 pass
         client.close()
 

@@ -23,7 +23,7 @@ import urllib.error
 import urllib.request
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 # LocalStack >= 4.13 no longer runs on Python 3.11; the caps pin its deps to versions 4.12 works with.
 LOCALSTACK_REQUIREMENTS = (
@@ -45,7 +45,11 @@ def sqs_client(endpoint: str, **config: Any) -> Any:
     import botocore.session
 
     return botocore.session.get_session().create_client(
-        "sqs", endpoint_url=endpoint, region_name=REGION, aws_access_key_id="test", aws_secret_access_key="test",
+        "sqs",
+        endpoint_url=endpoint,
+        region_name=REGION,
+        aws_access_key_id="test",
+        aws_secret_access_key="test",
         config=botocore.config.Config(**config),
     )
 
@@ -103,7 +107,7 @@ def _ensure_localstack_venv(venv: Path) -> Path:
     def usable() -> bool:
         if not marker.exists() or marker.read_text() != wanted:
             return False
-        probe = subprocess.run([python, "-c", "import localstack"], env=_clean_env(), capture_output=True)
+        probe = subprocess.run([python, "-c", "import localstack"], env=_clean_env(), capture_output=True, check=False)
         return probe.returncode == 0
 
     venv.parent.mkdir(parents=True, exist_ok=True)
@@ -115,12 +119,14 @@ def _ensure_localstack_venv(venv: Path) -> Path:
         log = venv.parent / f"{venv.name}-install.log"
         with open(log, "wb") as out:
             # The venv's pip reads the system/user pip config and PIP_* variables (mirrors, certs).
-            steps = [
+            steps: list[list[str | Path]] = [
                 [sys.executable, "-m", "venv", str(venv)],
                 [python, "-m", "pip", "install", *LOCALSTACK_REQUIREMENTS],
             ]
             for cmd in steps:
-                if subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=_clean_env(), timeout=900).returncode:
+                if subprocess.run(
+                    cmd, stdout=out, stderr=subprocess.STDOUT, env=_clean_env(), timeout=900, check=False
+                ).returncode:
                     raise RuntimeError(f"LocalStack install failed: {cmd}\n{_tail(log)}")
         marker.write_text(wanted)
         return python
@@ -139,6 +145,7 @@ class LocalStack:
     @classmethod
     def start(cls, cache_dir: Path, timeout: float = 120) -> LocalStack:
         """Install (if needed) and start LocalStack; return once its health endpoint answers."""
+        cache_dir = cache_dir.resolve()  # LocalStack runs with another cwd
         python = _ensure_localstack_venv(cache_dir / "localstack-venv")
         port = free_port()
         # Per-instance scratch: LocalStack wipes its tmp folder on start/stop, which must not
@@ -157,8 +164,12 @@ class LocalStack:
         with open(run_dir / "localstack.log", "wb") as out:
             proc = subprocess.Popen(
                 [str(python), "-m", "localstack.runtime.main"],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=env, cwd=run_dir, start_new_session=True,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                cwd=run_dir,
+                start_new_session=True,
             )
         ls = cls(proc, port, run_dir)
         atexit.register(ls.stop)  # in case the session finalizer never runs
@@ -166,6 +177,7 @@ class LocalStack:
             wait_http_ok(f"{ls.endpoint}/_localstack/health", timeout, proc)
         except Exception as exc:
             ls.stop(keep_log=True)
+            atexit.unregister(ls.stop)  # keep the log for a post-mortem
             raise RuntimeError(f"LocalStack did not start ({exc}); log {ls.log}:\n{_tail(ls.log)}") from exc
         return ls
 
@@ -199,19 +211,20 @@ class Postgres:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # platformdirs warns about a missing XDG_RUNTIME_DIR on import
             import pgserver
+            from pgserver.postgres_server import get_server
 
-        srv = pgserver.get_server(data_dir, cleanup_mode=None)  # we stop it ourselves in close()
+        self._bin = Path(pgserver.__file__).parent / "pginstall" / "bin"
+        srv = get_server(data_dir, cleanup_mode=None)  # we stop it ourselves in close()
         self.data_dir: Path = srv.pgdata
         self._user: str | None = srv.system_user  # None unless we are root
-        self._bin = Path(pgserver.POSTGRES_BIN_PATH)
+        self._closed = False
+        atexit.register(self.close)  # the server is up now: never leak it, even if we fail below
         socket_dir = srv.get_postmaster_info().socket_dir
         assert socket_dir is not None
         self.socket_dir: Path = socket_dir
         self.port = free_port()
         self.dsn = self.url()
         self.tcp_dsn = self.url(tcp=True)
-        self._closed = False
-        atexit.register(self.close)
         self.stop()
         self.start()
 
@@ -226,7 +239,12 @@ class Postgres:
         with tempfile.TemporaryFile() as out:
             res = subprocess.run(
                 [self._bin / "pg_ctl", "-D", str(self.data_dir), *args],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, user=self._user, timeout=120,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                user=self._user,
+                timeout=120,
+                check=False,
             )
             if res.returncode:
                 out.seek(0)
@@ -237,7 +255,10 @@ class Postgres:
     def running(self) -> bool:
         res = subprocess.run(
             [self._bin / "pg_ctl", "-D", str(self.data_dir), "status"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, user=self._user,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            user=self._user,
+            check=False,
         )
         return res.returncode == 0
 
@@ -257,7 +278,10 @@ class Postgres:
         """Run SQL as superuser with the bundled psql; unaligned, tuples-only output."""
         res = subprocess.run(
             [self._bin / "psql", "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", self.url(database), "-c", sql],
-            capture_output=True, text=True, timeout=60,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
         )
         if res.returncode:
             raise RuntimeError(f"psql failed ({sql!r}): {res.stderr}")
@@ -327,7 +351,7 @@ class TcpProxy:
 
     close = block
 
-    def __enter__(self) -> TcpProxy:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
