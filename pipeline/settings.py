@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 __all__ = ["Settings", "ConfigError", "load_settings", "redact_dsn"]
@@ -40,7 +40,15 @@ class SqsSettings(_Section):
     max_in_flight: int = Field(5000, ge=10)
     max_receive_count: int = Field(5, ge=1)
     ackers: int = Field(4, ge=1, le=64)
-    create_dlq: bool = False
+    create_dlq: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_dlq(cls, data: Any) -> Any:
+        """No DLQ configured: use ``<queue_url>-dlq`` (created if missing), never drop rejects."""
+        if isinstance(data, dict) and data.get("queue_url") and not data.get("dlq_url"):
+            data = {**data, "dlq_url": str(data["queue_url"]).rstrip("/") + "-dlq"}
+        return data
 
 
 class PostgresSettings(_Section):

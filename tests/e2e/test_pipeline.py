@@ -154,10 +154,11 @@ def test_cli_errors_are_one_line(queues, pg_dsn: str) -> None:  # type: ignore[n
         "PIPELINE_MASKING__KEY": ("", "no masking key"),
         "PIPELINE_SQS__ENDPOINT_URL": ("http://127.0.0.1:9", "unreachable"),
         "PIPELINE_POSTGRES__DSN": ("postgresql://postgres:hunter2@127.0.0.1:9/x", "unreachable"),
-        "PIPELINE_SQS__DLQ_URL": ("", "dlq_url"),
+        "PIPELINE_SQS__CREATE_DLQ": ("false", "does not exist"),
     }
     for var, (value, expected) in cases.items():
-        out = run_cli("run", "--until-empty", env={**env, var: value}, timeout=60)
+        extra = {"PIPELINE_SQS__DLQ_URL": queues.queue_url + "-missing"} if var == "PIPELINE_SQS__CREATE_DLQ" else {}
+        out = run_cli("run", "--until-empty", env={**env, var: value, **extra}, timeout=60)
         assert out.returncode != 0, var
         lines = [line for line in out.stderr.splitlines() if line.startswith("error:")]
         assert len(lines) == 1 and expected in lines[0], (var, out.stderr[-2000:])
