@@ -1,4 +1,4 @@
-"""``python -m pipeline``: run, migrate, keygen, unmask, show.
+"""``python -m pipeline``: run, migrate, keygen, unmask, rekey, show.
 
 Every failure an operator can cause (a bad config key, a missing key, an unreachable
 service) ends as one ``error: …`` line on stderr and a non-zero exit, not a traceback.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -15,11 +16,13 @@ from pathlib import Path
 
 import orjson
 
-from stages.masking import KeyError_, Masker, generate_key, parse_key
+from stages.masking import KeyError_, generate_key
 
-from .embedded import embedded, local_key
+from .check import check
+from .console import interactive, live_progress, print_summary
+from .embedded import embedded
 from .logs import setup_logging
-from .runner import PreflightError, connect_postgres, run
+from .runner import PreflightError, Runtime, connect_postgres, run
 from .schema import migrate
 from .settings import ConfigError, Settings, load_settings
 
@@ -41,17 +44,28 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("migrate", help="create or adapt the user_logins table")
     k = sub.add_parser("keygen", help="print a fresh masking key for PIPELINE_MASKING__KEY")
     k.add_argument("--key-id", help="key id to embed (default: random)")
-    u = sub.add_parser("unmask", help="print the original of masked values, using the configured key")
-    u.add_argument("values", nargs="+", metavar="VALUE")
+    k.add_argument("--kms-key-id", nargs="?", const="", metavar="ARN",
+                   help="print the key wrapped under this KMS key ('<id>:kms:<blob>'; no ARN = masking.kms_key_id)")
+    k.add_argument("--wrap-stdin", action="store_true",
+                   help="with --kms-key-id: wrap the '<id>:<base64>' key read from stdin instead of a new one")
+    u = sub.add_parser("unmask", help="print the originals of masked values (audited), with any key of the ring")
+    u.add_argument("values", nargs="*", metavar="VALUE", help="masked values; '-' or none: one per line on stdin")
+    u.add_argument("--query", metavar="SQL",
+                   help="run this SELECT (read-only) and print its rows as JSON lines, every token unmasked")
+    rk = sub.add_parser("rekey", help="re-mask rows written under older keys with the active key (batched, resumable)")
+    rk.add_argument("--batch-size", type=int, default=1000, help="rows per transaction (default 1000)")
+    rk.add_argument("--max-batches", type=int, help="stop after this many batches (a rerun continues)")
+    rk.add_argument("--dry-run", action="store_true", help="only report what would change")
     s = sub.add_parser("show", help="print the newest rows of the table (masked) and its row count")
     s.add_argument("--limit", type=int, default=10)
+    sub.add_parser("check", help="check config, SQS (queue and DLQ) and PostgreSQL (table); one line per finding")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     setup_logging(args.log_level)
-    if args.command == "keygen":
+    if args.command == "keygen" and args.kms_key_id is None:
         try:
             print(generate_key(args.key_id).encode())
         except KeyError_ as exc:
@@ -96,9 +110,14 @@ async def _run(settings: Settings, args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
     async with embedded(settings) as effective:
-        summary = await run(effective, until_empty=args.until_empty, stop=stop)
+        rt = Runtime(effective)
+        bar = args.until_empty and interactive()
+        async with live_progress(rt) if bar else contextlib.nullcontext():
+            summary = await run(effective, until_empty=args.until_empty, stop=stop, runtime=rt)
         sys.stdout.write(orjson.dumps(summary).decode() + "\n")
         sys.stdout.flush()
+        if bar:
+            print_summary(summary)
         if effective is not settings and settings.embedded_postgres:
             print(
                 f"Rows are in the embedded PostgreSQL ({settings.pipeline.state_dir / 'pg'}). "
@@ -120,15 +139,23 @@ async def _migrate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _unmask(settings: Settings, args: argparse.Namespace) -> int:
-    key = settings.masking.key.get_secret_value()
-    if not key and settings.embedded:
-        key = local_key(settings.pipeline.state_dir)
-    if not key:
-        raise PreflightError("no masking key: set PIPELINE_MASKING__KEY")
-    masker = Masker([parse_key(key)])
-    for value in args.values:
-        print(masker.unmask(value))
+    from .recovery import unmask_command
+
+    return await unmask_command(settings, args)
+
+
+async def _keygen_kms(settings: Settings, args: argparse.Namespace) -> int:
+    from .keyring import parse_plain, wrap_key
+
+    key = parse_plain(sys.stdin.readline()) if args.wrap_stdin else None
+    print(await wrap_key(settings, args.kms_key_id or settings.masking.kms_key_id, key, args.key_id))
     return 0
+
+
+async def _rekey(settings: Settings, args: argparse.Namespace) -> int:
+    from .rekey import rekey_command
+
+    return await rekey_command(settings, args)
 
 
 async def _show(settings: Settings, args: argparse.Namespace) -> int:
@@ -146,4 +173,5 @@ async def _show(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": _run, "migrate": _migrate, "unmask": _unmask, "show": _show}
+COMMANDS = {"run": _run, "migrate": _migrate, "unmask": _unmask, "show": _show, "check": check,
+            "keygen": _keygen_kms, "rekey": _rekey}

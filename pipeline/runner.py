@@ -24,16 +24,17 @@ from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
 
 from stages.acker import Acker, Heartbeat, Leases, release
-from stages.masking import KeyError_, Masker, parse_key
+from stages.masking import KeyError_, Masker
 from stages.sink import CopySink, create_stage_table
 from stages.source import SqsSource
 from stages.transform import Transformer
 
+from .keyring import load_masker, load_masker_sync
 from .metrics import Stats
 from .schema import migrate
 from .settings import Settings, redact_dsn
 
-__all__ = ["run", "Runtime", "PreflightError", "sqs_client", "connect_postgres", "masker_from"]
+__all__ = ["run", "Runtime", "PreflightError", "sqs_client", "connect_postgres", "masker_from", "masker_for"]
 
 log = logging.getLogger("pipeline")
 
@@ -43,15 +44,19 @@ class PreflightError(Exception):
 
 
 def masker_from(settings: Settings) -> Masker:
-    key = settings.masking.key.get_secret_value()
-    if not key:
-        raise PreflightError(
-            "no masking key: set PIPELINE_MASKING__KEY (generate one with `python -m pipeline keygen`)"
-        )
+    """The key ring from env and files (no KMS); see ``pipeline.keyring``."""
     try:
-        return Masker([parse_key(key)])
+        return load_masker_sync(settings)
     except KeyError_ as exc:
-        raise PreflightError(f"masking key: {exc}") from None
+        raise PreflightError(str(exc)) from None
+
+
+async def masker_for(settings: Settings) -> Masker:
+    """The key ring, KMS-wrapped keys unwrapped; see ``pipeline.keyring``."""
+    try:
+        return await load_masker(settings)
+    except KeyError_ as exc:
+        raise PreflightError(str(exc)) from None
 
 
 @contextlib.asynccontextmanager
@@ -147,8 +152,12 @@ async def run(
     stats = rt.stats
     stop = stop or asyncio.Event()
     s, p = settings.sqs, settings.pipeline
-    masker = masker_from(settings)
+    masker = await masker_for(settings)
     async with contextlib.AsyncExitStack() as stack:
+        if settings.http.port:  # first in, last out: probes answer while starting and draining
+            from .http import serve
+
+            await stack.enter_async_context(serve(rt, settings.http.host, settings.http.port))
         client = rt.client = await stack.enter_async_context(sqs_client(settings))
         await check_queues(client, settings)
         conn = await connect_postgres(settings)
@@ -177,7 +186,7 @@ async def run(
         transformer = Transformer(raw, rows, acks, masker, stats, s.max_receive_count)
         sink = rt.sink = CopySink(
             pool, table, rows, acks, stats, batch_size=p.batch_size, batch_timeout=p.batch_timeout,
-            observe_latency=observe_latency,
+            observe_latency=stats.observe_commit if observe_latency is None else _both(stats.observe_commit, observe_latency),
         )
         acker = Acker(client, s.queue_url, s.dlq_url, acks, leases, stats, s.ackers)
         heartbeat = Heartbeat(client, s.queue_url, leases, stats, s.visibility_timeout or 30)
@@ -204,11 +213,11 @@ async def run(
             if crashed:
                 raise crashed[0].exception()  # type: ignore[misc]
             log.info("draining", extra={"held": len(leases)})
-            source_task.cancel()
-            await asyncio.gather(source_task, return_exceptions=True)
-            await raw.put(None)
-            try:
-                await asyncio.wait_for(asyncio.gather(*stage_tasks), p.grace_seconds)
+            # --until-empty saw the queue empty: no need to let empty long polls run out.
+            emptied = any(t.get_name() == "until-empty" and t.done() for t in helpers)
+            source.stop(finish_calls=not emptied)
+            try:  # one grace period for all of it: a stuck sink must not keep `raw.put` waiting
+                await asyncio.wait_for(_drain(source_task, raw, stage_tasks), p.grace_seconds)
             except asyncio.TimeoutError:
                 log.warning("grace period over, releasing unfinished messages", extra={"held": len(leases)})
         finally:
@@ -222,6 +231,21 @@ async def run(
     summary = stats.summary()
     log.info("pipeline stopped", extra=summary)
     return summary
+
+
+async def _drain(source_task: asyncio.Task, raw: asyncio.Queue, stage_tasks: list[asyncio.Task]) -> None:
+    """Let the stopped source hand on its last messages, then send the sentinel down the stages."""
+    await source_task
+    await raw.put(None)
+    await asyncio.gather(*stage_tasks)
+
+
+def _both(first: Any, second: Any) -> Any:
+    def observe(msgs: list[dict]) -> None:
+        first(msgs)
+        second(msgs)
+
+    return observe
 
 
 async def queue_backlog(client: Any, queue_url: str) -> dict[str, int]:
@@ -271,6 +295,9 @@ async def _progress(rt: Runtime, interval: float) -> None:
     last, last_t = 0, time.monotonic()
     while True:
         await asyncio.sleep(interval)
+        if rt.client is not None:  # the backlog, for this line and for /metrics
+            with contextlib.suppress(BotoCoreError, ClientError, OSError, asyncio.TimeoutError):
+                rt.backlog = await asyncio.wait_for(queue_backlog(rt.client, rt.settings.sqs.queue_url), 5)
         now = time.monotonic()
         log.info("progress", extra={
             "rate_per_s": round((stats.inserted - last) / (now - last_t), 1),

@@ -9,9 +9,11 @@ keep a NULL id, which the unique index allows).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import asyncpg
 
-__all__ = ["migrate", "MIGRATION_LOCK"]
+__all__ = ["migrate", "inspect", "SchemaReport", "MIGRATION_LOCK"]
 
 MIGRATION_LOCK = 0x5049_5045  # advisory lock id: concurrent instances migrate one at a time
 
@@ -32,26 +34,35 @@ async def migrate(conn: asyncpg.Connection, table: str) -> list[str]:
     ran: list[str] = []
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
-        cols = _columns(await conn.fetch(
-            "SELECT column_name, data_type, character_maximum_length FROM information_schema.columns "
-            "WHERE table_schema = current_schema() AND table_name = $1",
-            table,
-        ))
-        if not cols:
-            body = ", ".join(f"{name} {kind}" for name, kind in _WANTED.items())
-            ran.append(f"CREATE TABLE {table} ({body})")
-        else:
-            for name, kind in _WANTED.items():
-                have = cols.get(name)
-                if have is None:
-                    ran.append(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
-                elif have != kind and not _wide_enough(have, kind):
-                    # USING ...::text keeps the takehome's integer app_version as its digits.
-                    ran.append(f"ALTER TABLE {table} ALTER COLUMN {name} TYPE {kind} USING {name}::text")
+        ran = _plan(await _read_columns(conn, table), table)
         for stmt in ran:
             await conn.execute(stmt)
         await conn.execute(f"CREATE UNIQUE INDEX IF NOT EXISTS {table}_message_id_key ON {table} (message_id)")
     return ran
+
+
+async def _read_columns(conn: asyncpg.Connection, table: str) -> dict[str, str]:
+    return _columns(await conn.fetch(
+        "SELECT column_name, data_type, character_maximum_length FROM information_schema.columns "
+        "WHERE table_schema = current_schema() AND table_name = $1",
+        table,
+    ))
+
+
+def _plan(cols: dict[str, str], table: str) -> list[str]:
+    """The statements that bring a table with columns ``cols`` (empty: absent) up to date."""
+    if not cols:
+        body = ", ".join(f"{name} {kind}" for name, kind in _WANTED.items())
+        return [f"CREATE TABLE {table} ({body})"]
+    out = []
+    for name, kind in _WANTED.items():
+        have = cols.get(name)
+        if have is None:
+            out.append(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
+        elif have != kind and not _wide_enough(have, kind):
+            # USING ...::text keeps the takehome's integer app_version as its digits.
+            out.append(f"ALTER TABLE {table} ALTER COLUMN {name} TYPE {kind} USING {name}::text")
+    return out
 
 
 def _columns(records: list[asyncpg.Record]) -> dict[str, str]:
@@ -71,3 +82,71 @@ def _wide_enough(have: str, want: str) -> bool:
     if have.startswith("character varying(") and want.startswith("character varying("):
         return int(have[18:-1]) >= int(want[18:-1])
     return False
+
+
+@dataclass
+class SchemaReport:
+    """What ``inspect`` found: read-only, nothing is changed."""
+
+    table: str
+    schema: str | None
+    exists: bool
+    columns: dict[str, str] = field(default_factory=dict)
+    pending: list[str] = field(default_factory=list)  # what ``migrate`` would run
+    problems: list[str] = field(default_factory=list)  # what would make ``run``/``migrate`` fail
+
+    @property
+    def ok(self) -> bool:
+        return self.exists and not self.problems
+
+
+async def inspect(conn: asyncpg.Connection, table: str) -> SchemaReport:
+    """Is ``table`` present and compatible with what the pipeline writes? Changes nothing.
+
+    Compatible means: the columns the pipeline writes exist (or ``migrate`` can add or
+    convert them in place, with the privileges that takes), no other column demands a
+    value, and the user may insert and create the temporary staging table.
+    """
+    schema = await conn.fetchval("SELECT current_schema()")
+    if schema is None:
+        return SchemaReport(table, None, False, problems=["no schema on the search_path exists"])
+    cols = await _read_columns(conn, table)
+    qualified = f'"{schema}"."{table}"'
+    if not cols and await conn.fetchval("SELECT to_regclass($1)", qualified) is not None:
+        # information_schema hides the columns of a table the user has no privilege on.
+        return SchemaReport(table, schema, True, problems=["the user has no privileges on the table"])
+    report = SchemaReport(table, schema, bool(cols), cols, _plan(cols, table))
+    problems = report.problems
+    if not await conn.fetchval("SELECT has_database_privilege(current_database(), 'TEMP')"):
+        problems.append("the user may not create temporary tables (GRANT TEMP ON DATABASE …), needed for COPY staging")
+    if not cols:
+        if not await conn.fetchval("SELECT has_schema_privilege(current_schema(), 'CREATE')"):
+            problems.append(f"the table is absent and the user may not create tables in schema {schema}")
+        return report
+    for name, have in cols.items():
+        want = _WANTED.get(name)
+        if want == "date" and have != "date":
+            problems.append(f"column {name} is {have}; it cannot be converted to date in place")
+    required = await conn.fetch(
+        "SELECT column_name FROM information_schema.columns WHERE table_schema = $1 AND table_name = $2 "
+        "AND is_nullable = 'NO' AND column_default IS NULL AND is_identity = 'NO' AND is_generated = 'NEVER'",
+        schema, table,
+    )
+    for r in required:
+        if r["column_name"] not in _WANTED:
+            problems.append(f"column {r['column_name']} is NOT NULL without a default; the pipeline does not write it")
+    if not await conn.fetchval("SELECT has_table_privilege($1, 'INSERT')", qualified):
+        problems.append("the user may not INSERT into the table")
+    unique = await conn.fetchval(
+        "SELECT count(*) FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0] "
+        "WHERE i.indrelid = $1::regclass AND i.indisunique AND i.indnkeyatts = 1 AND i.indpred IS NULL "
+        "AND a.attname = 'message_id'",
+        qualified,
+    )
+    if not unique:
+        report.pending.append(f"CREATE UNIQUE INDEX {table}_message_id_key ON {table} (message_id)")
+    if report.pending and not await conn.fetchval(
+        "SELECT pg_has_role(c.relowner, 'USAGE') FROM pg_class c WHERE c.oid = $1::regclass", qualified
+    ):
+        problems.append("the table needs migrating and the user does not own it")
+    return report
