@@ -113,7 +113,7 @@ async def embedded(settings: Settings, *, broker: bool = True, key: bool = True)
             proc, endpoint = await asyncio.to_thread(_start_broker, state)
             sqs = {"endpoint_url": endpoint, **await _queues(settings, endpoint, state)}
             log.info("embedded SQS broker started", extra={"endpoint": endpoint})
-        if key and not settings.masking.key.get_secret_value():
+        if key and not settings.masking.configured:
             masking["key"] = SecretStr(local_key(state))
             log.warning("using the embedded default's generated local masking key; set PIPELINE_MASKING__KEY in production",
                         extra={"key_file": str(state / "masking.key")})

@@ -65,7 +65,22 @@ class PostgresSettings(_Section):
 
 
 class MaskingSettings(_Section):
+    """The key ring (see ``pipeline.keyring``): plain or KMS-wrapped keys from env or a file."""
+
     key: SecretStr = SecretStr("")
+    keys: SecretStr = SecretStr("")
+    key_file: str = ""
+    active_key_id: str = ""
+    kms_key_id: str = ""
+    kms_wrapped_keys: str = ""
+    kms_endpoint_url: str = ""
+    audit_log: str = ""
+
+    @property
+    def configured(self) -> bool:
+        """Whether any key source is set (else the embedded default generates a local key)."""
+        return bool(self.key.get_secret_value().strip() or self.keys.get_secret_value().strip()
+                    or self.key_file or self.kms_wrapped_keys.strip())
 
 
 class PipelineSettings(_Section):
@@ -76,6 +91,7 @@ class PipelineSettings(_Section):
     state_dir: Path = Path(".pipeline")
     sample_size: int = Field(100, ge=0)
     progress_interval: float = Field(10, gt=0)
+    processes: int = Field(1, ge=1, le=64)  # worker processes on the same queue (multi-core hosts)
 
 
 class HttpSettings(_Section):

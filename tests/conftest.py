@@ -22,6 +22,8 @@ if str(REPO) not in sys.path:  # `tests.services` must import under any pytest i
     sys.path.insert(0, str(REPO))
 
 from tests.services import REGION, LocalStack, Postgres, sqs_client
+from tests.localstack_compat import patch_venv
+from tests.services import _ensure_localstack_venv
 
 CACHE_DIR = REPO / ".cache"  # LocalStack venv, reused across runs (git-ignored)
 
@@ -46,6 +48,7 @@ def aws_env() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def localstack() -> Iterator[LocalStack]:
     """One LocalStack per session (~1-2 s warm; ~1 min on the first run, which installs its venv)."""
+    patch_venv(_ensure_localstack_venv(CACHE_DIR.resolve() / "localstack-venv"))  # KMS on Python 3.11
     ls = LocalStack.start(CACHE_DIR)
     try:
         yield ls

@@ -1,0 +1,250 @@
+"""``python -m pipeline rekey``: re-mask existing rows from older keys to the active key.
+
+After a rotation, rows written under the old key carry its id (``k1.…``) while new rows
+carry the new one, so the same ip masks differently on either side and analysts' joins and
+duplicate counts break. ``rekey`` decrypts each old token with its key from the ring and
+encrypts it under the active key, which gives exactly the token a fresh write would get.
+
+Batches of ``batch_size`` rows, one transaction each: ``SELECT … FOR UPDATE`` the next rows
+whose masked columns carry another key id (keyset on ``message_id`` through its unique
+index), re-mask them in Python, ``UPDATE … FROM unnest(…)``. The WHERE skips rows already
+on the active key, so the command is idempotent and resumable: after a crash, Ctrl-C or
+``--max-batches`` a rerun continues where the last committed batch ended. Rows that
+predate the pipeline (values that are not tokens, e.g. the takehome's hashes) are left
+alone and reported as skipped. Before changing anything it refuses if any value carries a
+key id the ring does not hold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections import Counter, defaultdict
+from typing import Any
+
+import asyncpg
+import orjson
+
+from stages.masking import KeyError_, Masker
+
+from .console import interactive
+from .recovery import TOKEN_SQL, looks_like_token
+from .settings import Settings
+
+__all__ = ["rekey", "rekey_command", "RekeyError", "REKEY_LOCK"]
+
+log = logging.getLogger("pipeline.rekey")
+
+REKEY_LOCK = 0x5049_5046  # advisory lock: one rekey per database at a time
+COLUMNS = ("masked_ip", "masked_device_id")
+
+
+class RekeyError(KeyError_):
+    """Rekey cannot proceed; one line for the operator, never a value."""
+
+
+def _needs(col: str) -> str:
+    return f"({col} ~ $1 AND NOT starts_with({col}, $2))"
+
+
+_NEEDS = " OR ".join(_needs(c) for c in COLUMNS)
+
+
+class _Progress:
+    """A rich progress bar on a TTY, plus a JSON log line every ``interval`` seconds."""
+
+    def __init__(self, total: int, interval: float) -> None:
+        self.total, self.done, self.interval = total, 0, interval
+        self.start = self.last = time.monotonic()
+        self.bar: Any = None
+        if interactive() and total:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("rekey"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                                console=Console(stderr=True, soft_wrap=True), transient=True, redirect_stderr=True)
+            original = sys.stderr
+            self.handlers = [h for h in logging.getLogger().handlers
+                             if isinstance(h, logging.StreamHandler) and h.stream is original]
+            self.bar.start()
+            for h in self.handlers:
+                h.setStream(sys.stderr)  # rich's proxy: log lines print above the bar, not through it
+            self.original = original
+            self.task = self.bar.add_task("rekey", total=total)
+
+    def advance(self, rows: int, batches: int) -> None:
+        self.done += rows
+        if self.bar is not None:
+            self.bar.update(self.task, completed=self.done)
+        now = time.monotonic()
+        if now - self.last >= self.interval:
+            self.last = now
+            log.info("rekey progress", extra={"rows_updated": self.done, "rows_pending_at_start": self.total,
+                                              "batches": batches,
+                                              "rate_per_s": round(self.done / max(now - self.start, 1e-9), 1)})
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            for h in self.handlers:
+                h.setStream(self.original)
+
+
+async def _plan(conn: asyncpg.Connection, table: str, prefix: str) -> dict[str, Any]:
+    counts = await conn.fetchrow(
+        f"SELECT count(*) FILTER (WHERE {_NEEDS}) AS pending, "
+        f"count(*) FILTER (WHERE (masked_ip IS NOT NULL AND masked_ip !~ $1) "
+        f"OR (masked_device_id IS NOT NULL AND masked_device_id !~ $1)) AS skipped, "
+        f"count(*) AS total FROM {table}",
+        TOKEN_SQL, prefix,
+    )
+    by_key = await conn.fetch(
+        "SELECT kid, col, count(*) AS n FROM ("
+        + " UNION ALL ".join(
+            f"SELECT split_part({c}, '.', 1) AS kid, '{c}' AS col FROM {table} WHERE {_needs(c)}" for c in COLUMNS
+        )
+        + ") s GROUP BY kid, col ORDER BY kid, col",
+        TOKEN_SQL, prefix,
+    )
+    old: dict[str, dict[str, int]] = defaultdict(dict)
+    for r in by_key:
+        old[r["kid"]][r["col"]] = r["n"]
+    return {"pending": counts["pending"], "skipped": counts["skipped"], "total": counts["total"], "old": dict(old)}
+
+
+async def rekey(
+    conn: asyncpg.Connection, table: str, masker: Masker, *, batch_size: int = 1000,
+    max_batches: int | None = None, dry_run: bool = False, progress_interval: float = 10,
+) -> dict[str, Any]:
+    """Re-mask every row not on ``masker.active``; return the report (see the module doc)."""
+    started = time.monotonic()
+    active = masker.active
+    prefix = active + "."
+    if await conn.fetchval("SELECT to_regclass($1)", table) is None:
+        raise RekeyError(f"table {table} does not exist (run `python -m pipeline migrate` or `run` first)")
+    if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", REKEY_LOCK):
+        raise RekeyError("another rekey is running on this database; wait for it (or stop it) and rerun")
+    try:
+        plan = await _plan(conn, table, prefix)
+        missing = sorted(set(plan["old"]) - set(masker.key_ids))
+        if missing:
+            n = sum(plan["old"][missing[0]].values())
+            raise RekeyError(
+                f"{n} values carry key id {missing[0]!r}, which is not in the key ring ({', '.join(masker.key_ids)}); "
+                "add that key to masking.keys or masking.key_file and rerun. Nothing was changed"
+            )
+        report: dict[str, Any] = {
+            "table": table, "active_key_id": active, "key_ids": masker.key_ids, "dry_run": dry_run,
+            "rows_pending_at_start": plan["pending"], "values_by_key_id_at_start": plan["old"],
+            "rows_skipped_not_tokens": plan["skipped"], "rows_total": plan["total"],
+        }
+        log.info("rekey plan", extra={k: v for k, v in report.items() if k != "key_ids"})
+        if dry_run:
+            return report | {"rows_updated": 0, "batches": 0, "complete": plan["pending"] == 0,
+                             "elapsed_s": round(time.monotonic() - started, 3)}
+        changed: dict[str, Counter[str]] = defaultdict(Counter)
+        updated = batches = 0
+        stopped_early = False
+        bar = _Progress(plan["pending"], progress_interval)
+        try:
+            for phase in ("message_id", "ctid"):
+                last = ""
+                while True:
+                    if max_batches is not None and batches >= max_batches:
+                        stopped_early = True
+                        break
+                    n, last, counts = await _batch(conn, table, masker, prefix, phase, last, batch_size)
+                    if not n:
+                        break
+                    batches += 1
+                    updated += n
+                    for kid, c in counts.items():
+                        changed[kid].update(c)
+                    bar.advance(n, batches)
+                if stopped_early:
+                    break
+        finally:
+            bar.close()
+        remaining = (await _plan(conn, table, prefix))["pending"] if stopped_early else 0
+        report |= {
+            "rows_updated": updated,
+            "values_rekeyed": {k: dict(v) for k, v in sorted(changed.items())},
+            "batches": batches,
+            "complete": remaining == 0,
+            "rows_remaining": remaining,
+            "elapsed_s": round(time.monotonic() - started, 3),
+        }
+        log.info("rekey finished", extra={k: v for k, v in report.items() if k != "key_ids"})
+        return report
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", REKEY_LOCK)
+
+
+async def _batch(
+    conn: asyncpg.Connection, table: str, masker: Masker, prefix: str, phase: str, last: str, size: int,
+) -> tuple[int, str, dict[str, Counter[str]]]:
+    """One transaction: lock the next ``size`` rows that need it, re-mask, update."""
+    counts: dict[str, Counter[str]] = defaultdict(Counter)
+
+    def remask(value: str | None, col: str, where: str) -> str | None:
+        if value is None or not looks_like_token(value) or value.startswith(prefix):
+            return value
+        kid = Masker.key_id_of(value)
+        try:
+            raw = masker.unmask(value)
+        except KeyError_ as exc:
+            raise RekeyError(f"row {where}, {col}: {exc}; batch rolled back") from None
+        counts[kid][col] += 1
+        return masker.mask(raw)
+
+    async with conn.transaction():
+        if phase == "message_id":
+            rows = await conn.fetch(
+                f"SELECT message_id AS id, masked_ip, masked_device_id FROM {table} "
+                f"WHERE message_id > $3 AND ({_NEEDS}) ORDER BY message_id LIMIT $4 FOR UPDATE",
+                TOKEN_SQL, prefix, last, size,
+            )
+        else:  # rows without a message id that hold tokens anyway (rare: written by hand)
+            rows = await conn.fetch(
+                f"SELECT ctid AS id, masked_ip, masked_device_id FROM {table} "
+                f"WHERE message_id IS NULL AND ({_NEEDS}) LIMIT $3 FOR UPDATE",
+                TOKEN_SQL, prefix, size,
+            )
+        if not rows:
+            return 0, last, counts
+        ids, ips, devs = [], [], []
+        for r in rows:
+            where = f"message_id={r['id']}" if phase == "message_id" else f"ctid={r['id']}"
+            ids.append(r["id"])
+            ips.append(remask(r["masked_ip"], "masked_ip", where))
+            devs.append(remask(r["masked_device_id"], "masked_device_id", where))
+        key, kind = ("message_id", "text") if phase == "message_id" else ("ctid", "tid")
+        await conn.execute(
+            f"UPDATE {table} AS t SET masked_ip = v.ip, masked_device_id = v.dev "
+            f"FROM unnest($1::{kind}[], $2::text[], $3::text[]) AS v(id, ip, dev) WHERE t.{key} = v.id",
+            ids, ips, devs,
+        )
+    return len(rows), (rows[-1]["id"] if phase == "message_id" else last), counts
+
+
+async def rekey_command(settings: Settings, args: argparse.Namespace) -> int:
+    """``python -m pipeline rekey``: print the JSON report on stdout; exit 0 even if stopped early."""
+    from .embedded import embedded
+    from .runner import connect_postgres, masker_for
+
+    if args.batch_size < 1 or (args.max_batches is not None and args.max_batches < 1):
+        raise RekeyError("--batch-size and --max-batches must be at least 1")
+    async with embedded(settings, broker=False) as effective:
+        masker = await masker_for(effective)
+        conn = await connect_postgres(effective)
+        try:
+            report = await rekey(conn, effective.postgres.table, masker, batch_size=args.batch_size,
+                                 max_batches=args.max_batches, dry_run=args.dry_run,
+                                 progress_interval=effective.pipeline.progress_interval)
+        finally:
+            await conn.close()
+    sys.stdout.write(orjson.dumps(report).decode() + "\n")
+    sys.stdout.flush()
+    return 0
