@@ -18,13 +18,18 @@ import orjson
 
 from stages.masking import KeyError_, generate_key
 
+from .bench import add_arguments as bench_arguments
+from .bench import command as bench_command
 from .check import check
 from .console import interactive, live_progress, print_summary
 from .embedded import embedded
+from .loadgen import add_arguments as loadgen_arguments
+from .loadgen import command as loadgen_command
 from .logs import setup_logging
 from .runner import PreflightError, Runtime, connect_postgres, run
 from .schema import migrate
 from .settings import ConfigError, Settings, load_settings
+from .workers import run_workers
 
 log = logging.getLogger("pipeline")
 
@@ -59,6 +64,10 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("show", help="print the newest rows of the table (masked) and its row count")
     s.add_argument("--limit", type=int, default=10)
     sub.add_parser("check", help="check config, SQS (queue and DLQ) and PostgreSQL (table); one line per finding")
+    rd = sub.add_parser("redrive", help="move dead letters back to the source queue (after a fix); prints a JSON summary")
+    rd.add_argument("--max", type=int, metavar="N", help="move at most N messages (default: all)")
+    loadgen_arguments(sub.add_parser("loadgen", help="fill the configured queue with realistic login events"))
+    bench_arguments(sub.add_parser("bench", help="measure the pipeline next to the broker's and the database's ceilings"))
     return p
 
 
@@ -113,7 +122,10 @@ async def _run(settings: Settings, args: argparse.Namespace) -> int:
         rt = Runtime(effective)
         bar = args.until_empty and interactive()
         async with live_progress(rt) if bar else contextlib.nullcontext():
-            summary = await run(effective, until_empty=args.until_empty, stop=stop, runtime=rt)
+            if effective.pipeline.processes > 1:
+                summary = await run_workers(effective, until_empty=args.until_empty, stop=stop, runtime=rt)
+            else:
+                summary = await run(effective, until_empty=args.until_empty, stop=stop, runtime=rt)
         sys.stdout.write(orjson.dumps(summary).decode() + "\n")
         sys.stdout.flush()
         if bar:
@@ -173,5 +185,13 @@ async def _show(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+async def _redrive(settings: Settings, args: argparse.Namespace) -> int:
+    from .redrive import redrive
+
+    print(orjson.dumps(await redrive(settings, limit=args.max)).decode())
+    return 0
+
+
 COMMANDS = {"run": _run, "migrate": _migrate, "unmask": _unmask, "show": _show, "check": check,
-            "keygen": _keygen_kms, "rekey": _rekey}
+            "keygen": _keygen_kms, "rekey": _rekey, "loadgen": loadgen_command, "bench": bench_command,
+            "redrive": _redrive}

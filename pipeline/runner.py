@@ -32,7 +32,7 @@ from stages.transform import Transformer
 from .keyring import load_masker, load_masker_sync
 from .metrics import Stats
 from .schema import migrate
-from .settings import Settings, redact_dsn
+from .settings import Settings, redact_dsn, scrub_dsn_secrets
 
 __all__ = ["run", "Runtime", "PreflightError", "sqs_client", "connect_postgres", "masker_from", "masker_for"]
 
@@ -122,9 +122,9 @@ async def connect_postgres(settings: Settings, timeout: float = 10) -> asyncpg.C
         raise PreflightError(f"PostgreSQL at {where}: database does not exist") from None
     except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         reason = type(exc).__name__ if isinstance(exc, asyncio.TimeoutError) else str(exc) or type(exc).__name__
-        raise PreflightError(f"PostgreSQL at {where} is unreachable: {reason}") from None
-    except ValueError as exc:
-        raise PreflightError(f"PostgreSQL DSN {where} is invalid: {exc}") from None
+        raise PreflightError(f"PostgreSQL at {where} is unreachable: {scrub_dsn_secrets(reason, dsn)}") from None
+    except ValueError as exc:  # the driver's message may quote a piece of the DSN (a misread password)
+        raise PreflightError(f"PostgreSQL DSN {where} is invalid: {scrub_dsn_secrets(str(exc), dsn)}") from None
 
 
 @dataclass(eq=False)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import random
 import uuid
+from collections import deque
+from typing import Iterator
 
 import orjson
 
-__all__ = ["WRONG_TYPE", "MALFORMED", "login_event", "sample_bodies"]
+__all__ = ["WRONG_TYPE", "MALFORMED", "login_event", "sample_bodies", "iter_bodies"]
 
 WRONG_TYPE = '{"foo": "oops_wrong_msg_type", "bar": "123"}'
 
@@ -42,18 +44,34 @@ def login_event(rng: random.Random, ips: list[str], devices: list[str]) -> dict:
     }
 
 
-def sample_bodies(n: int, seed: int = 0, *, invalid_ratio: float = 0.0) -> list[str]:
-    """``n`` valid login events; with ``invalid_ratio``, that share replaced by bad bodies."""
+def iter_bodies(
+    n: int, seed: int = 0, *, invalid_ratio: float = 0.0, duplicate_ratio: float = 0.0,
+) -> Iterator[tuple[str, str]]:
+    """``n`` message bodies as ``(kind, body)``, kind ``valid``, ``invalid`` or ``duplicate``.
+
+    An ``invalid_ratio`` share are bad bodies (the wrong-type message and the malformed
+    ones); a ``duplicate_ratio`` share repeat a recent valid body verbatim, i.e. the same
+    event sent twice by its producer. Lazy, so ``loadgen`` never holds millions of bodies.
+    """
     rng = random.Random(seed)
-    pool = max(4, n // 3)
+    pool = min(max(4, n // 3), 100_000)
     ips = [".".join(str(rng.randint(1, 254)) for _ in range(4)) for _ in range(pool)]
     ips += [f"2001:db8::{rng.randint(1, 0xFFFF):x}" for _ in range(max(1, pool // 10))]
     devices = [f"{rng.randint(100, 999)}-{rng.randint(10, 99)}-{rng.randint(1000, 9999)}" for _ in range(pool)]
     bad = [WRONG_TYPE, *MALFORMED]
-    out = []
+    recent: deque[str] = deque(maxlen=1000)
     for _ in range(n):
         if invalid_ratio and rng.random() < invalid_ratio:
-            out.append(rng.choice(bad))
+            yield "invalid", rng.choice(bad)
+        elif duplicate_ratio and recent and rng.random() < duplicate_ratio:
+            yield "duplicate", recent[rng.randrange(len(recent))]
         else:
-            out.append(orjson.dumps(login_event(rng, ips, devices)).decode())
-    return out
+            body = orjson.dumps(login_event(rng, ips, devices)).decode()
+            if duplicate_ratio:
+                recent.append(body)
+            yield "valid", body
+
+
+def sample_bodies(n: int, seed: int = 0, *, invalid_ratio: float = 0.0, duplicate_ratio: float = 0.0) -> list[str]:
+    """``n`` valid login events; with the ratios, that share replaced by bad or repeated bodies."""
+    return [body for _, body in iter_bodies(n, seed, invalid_ratio=invalid_ratio, duplicate_ratio=duplicate_ratio)]

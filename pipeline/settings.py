@@ -11,12 +11,11 @@ import re
 import tomllib
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-__all__ = ["Settings", "ConfigError", "load_settings", "redact_dsn"]
+__all__ = ["Settings", "ConfigError", "load_settings", "redact_dsn", "scrub_dsn_secrets"]
 
 ENV_PREFIX = "PIPELINE_"
 
@@ -135,17 +134,46 @@ class Settings(BaseSettings):
         return self.embedded_sqs or self.embedded_postgres
 
 
+# ``password=`` in a URI query or a libpq ``key=value`` DSN, quoted or not.
+_PASSWORD_PARAM = re.compile(r"((?:^|[?&\s])password\s*=\s*)('(?:[^'\\]|\\.)*'|[^&\s]*)", re.IGNORECASE)
+
+
+def _userinfo(dsn: str) -> tuple[str, str, str] | None:
+    """(scheme://user, password, @rest) of a URI DSN with a password, split at the *last* ``@``.
+
+    The last, not the first: a password with an unescaped ``@`` or ``/`` must still be found
+    (libraries that split at the first ``@`` would read part of it as the host).
+    """
+    scheme, sep, rest = dsn.partition("://")
+    if not sep:
+        return None
+    userinfo, at, host = rest.rpartition("@")
+    user, colon, password = userinfo.partition(":")
+    if not (at and colon):
+        return None
+    return f"{scheme}://{user}", password, f"@{host}"
+
+
 def redact_dsn(dsn: str) -> str:
-    """The DSN with its password replaced, for logs and errors."""
-    try:
-        parts = urlsplit(dsn)
-    except ValueError:
-        return "<unparseable dsn>"
-    if parts.password is None:
-        return dsn
-    netloc = parts.netloc.rsplit("@", 1)
-    user = (parts.username or "") + ":***"
-    return urlunsplit(parts._replace(netloc=f"{user}@{netloc[-1]}"))
+    """The DSN with its password replaced, for logs and errors, however the password is given."""
+    parts = _userinfo(dsn)
+    if parts is not None:
+        dsn = f"{parts[0]}:***{parts[2]}"
+    elif "://" not in dsn and "=" not in dsn:
+        return "<unparseable dsn>"  # not a URI nor key=value: it could be anything, a password included
+    return _PASSWORD_PARAM.sub(r"\1***", dsn)
+
+
+def scrub_dsn_secrets(text: str, dsn: str) -> str:
+    """``text`` (e.g. a driver's error message) without the DSN's password or recognisable pieces of it."""
+    secrets = [m.group(2).strip("'") for m in _PASSWORD_PARAM.finditer(dsn)]
+    parts = _userinfo(dsn)
+    if parts is not None:
+        secrets.append(parts[1])
+    pieces = {p for s in secrets if s for p in [s, *re.split(r"[@:/?#&]", s)] if len(p) >= 3}
+    for piece in sorted(pieces, key=len, reverse=True):
+        text = text.replace(piece, "***")
+    return text
 
 
 def _unknown_env_keys() -> list[str]:

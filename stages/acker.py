@@ -19,6 +19,8 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_ji
 
 from pipeline.metrics import Stats
 
+from .transform import origin
+
 __all__ = ["Leases", "Acker", "Heartbeat", "release"]
 
 log = logging.getLogger("pipeline.acker")
@@ -101,11 +103,12 @@ class Leases:
 class Acker:
     """Deletes committed messages in ``DeleteMessageBatch`` calls of up to 10, concurrently.
 
-    Inbox items are ``("ack", [msg, ...])`` from the sink and ``("dead", [(msg, rule, reason), ...])``
-    from the transformer and sink. Dead letters are sent to the DLQ with their original body and
-    a ``reason`` attribute, then deleted like any committed message. Failed calls are retried with
-    backoff; a receipt handle SQS calls invalid is counted and dropped (the message comes back
-    and is deduplicated by the sink).
+    Inbox items are ``("ack", [msg, ...])`` from the sink, ``("dead", [(msg, rule, reason), ...])``
+    from the transformer and sink, and ``("retry", [msg, ...])`` from the sink for messages to
+    redeliver (their leases are dropped; the visibility timeout brings them back). Dead letters
+    are sent to the DLQ with their original body and a ``reason`` attribute, then deleted like
+    any committed message. Failed calls are retried with backoff; a receipt handle SQS calls
+    invalid is counted and dropped (the message comes back and is deduplicated by the sink).
     """
 
     def __init__(
@@ -126,6 +129,8 @@ class Acker:
             if kind == "ack":
                 for i in range(0, len(payload), 10):
                     await self._spawn(self._delete(payload[i : i + 10]))
+            elif kind == "retry":  # not stored, not dead: let the visibility timeout bring it back
+                self.leases.drop([m["ReceiptHandle"] for m in payload])
             else:
                 await self._spawn(self._dead_letter(payload))
         if self._tasks:
@@ -179,18 +184,20 @@ class Acker:
         if chunk:
             await self._send_dead(chunk)
 
+    def _dead_attributes(self, msg: dict, rule: str, reason: str) -> dict:
+        """Why, and which event: ``redrive`` turns the source id and time back into the row's identity."""
+        mid, sent = origin(msg)
+        return {
+            "reason": {"DataType": "String", "StringValue": reason},
+            "rule": {"DataType": "String", "StringValue": rule},
+            "source_message_id": {"DataType": "String", "StringValue": mid},
+            "source_sent_timestamp": {"DataType": "Number", "StringValue": str(sent)},
+            "source_queue": {"DataType": "String", "StringValue": self.queue_url},
+        }
+
     async def _send_dead(self, chunk: list[tuple[dict, str, str]]) -> None:
         pending = {
-            str(i): {
-                "Id": str(i),
-                "MessageBody": msg["Body"],
-                "MessageAttributes": {
-                    "reason": {"DataType": "String", "StringValue": reason},
-                    "rule": {"DataType": "String", "StringValue": rule},
-                    "source_message_id": {"DataType": "String", "StringValue": msg["MessageId"]},
-                    "source_queue": {"DataType": "String", "StringValue": self.queue_url},
-                },
-            }
+            str(i): {"Id": str(i), "MessageBody": msg["Body"], "MessageAttributes": self._dead_attributes(msg, rule, reason)}
             for i, (msg, rule, reason) in enumerate(chunk)
         }
         async for attempt in _retrying(self.stats):

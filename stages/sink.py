@@ -6,9 +6,12 @@ never makes a second row, and a message is acked only after its row is committed
 
 A row the database rejects (data or constraint errors, SQLSTATE classes 22 and 23) must not
 sink its batch: the batch is bisected until the bad rows are isolated, those are
-dead-lettered with the database's reason, and the rest is committed. Any other error
-(connection lost, server restarting) is retried with backoff; meanwhile the queues fill
-up and the source stops polling.
+dead-lettered with the database's reason, and the rest is committed. A row that fails
+for a reason that may pass (a trigger or routine raising, a client-side encoding error) is
+isolated the same way but left for redelivery: it comes back with a higher
+``ApproximateReceiveCount`` and, if it keeps failing, the transformer dead-letters it as
+poison. Any other error (connection lost, server restarting, the table gone) is retried
+with backoff; meanwhile the queues fill up and the source stops polling.
 """
 
 from __future__ import annotations
@@ -32,12 +35,29 @@ log = logging.getLogger("pipeline.sink")
 STAGE_TABLE = "pipeline_stage"
 
 
+# SQLSTATE classes raised because of what is in a row, but not necessarily for good: triggers
+# and routines raising (P0, 2F, 38, 39, 09, 27), cardinality, check option, program limits.
+_SUSPECT_CLASSES = frozenset(("P0", "2F", "38", "39", "09", "27", "21", "44", "54"))
+
+
+def _sqlstate_class(exc: BaseException) -> str:
+    return str(getattr(exc, "sqlstate", "") or "")[:2]
+
+
 def _is_row_error(exc: BaseException) -> bool:
-    return isinstance(exc, asyncpg.PostgresError) and str(getattr(exc, "sqlstate", "") or "")[:2] in ("22", "23")
+    return isinstance(exc, asyncpg.PostgresError) and _sqlstate_class(exc) in ("22", "23")
+
+
+def _is_suspect(exc: BaseException) -> bool:
+    """Probably caused by one row; bisect, then leave that row for redelivery (and poison counting)."""
+    if isinstance(exc, asyncpg.PostgresError):
+        return _sqlstate_class(exc) in _SUSPECT_CLASSES
+    return isinstance(exc, (ValueError, TypeError))  # the driver could not encode a value (e.g. a surrogate)
 
 
 def _is_transient(exc: BaseException) -> bool:
-    return isinstance(exc, (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)) and not _is_row_error(exc)
+    return (isinstance(exc, (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError))
+            and not _is_row_error(exc) and not _is_suspect(exc))
 
 
 async def create_stage_table(conn: asyncpg.Connection, table: str) -> None:
@@ -63,33 +83,55 @@ class CopySink:
         )
 
     async def run(self) -> None:
+        """Batch rows by size or age; while one batch commits, the next one fills.
+
+        At most one batch is being written at a time (transactions never overlap, acks stay in
+        order), but the inbox keeps draining meanwhile, so the transformer is not stalled by
+        the database round trip and the database not by the transformer.
+        """
         loop = asyncio.get_running_loop()
-        get, batch_size = self.inbox.get, self.batch_size
+        inbox, batch_size = self.inbox, self.batch_size
+        get, get_nowait = inbox.get, inbox.get_nowait
         rows: list[tuple] = []
         msgs: list[dict] = []
         deadline = 0.0
-        while True:
-            if rows:
-                try:
-                    item = await asyncio.wait_for(get(), deadline - loop.time())
-                except asyncio.TimeoutError:
-                    await self.flush(rows, msgs)
+        writing: asyncio.Task | None = None
+
+        async def start(rows: list[tuple], msgs: list[dict]) -> asyncio.Task:
+            if writing is not None:
+                await writing  # the previous batch first (re-raises what it raised)
+            return asyncio.create_task(self.flush(rows, msgs))
+
+        try:
+            while True:
+                if not inbox.empty():
+                    item = get_nowait()
+                elif rows:
+                    try:
+                        item = await asyncio.wait_for(get(), deadline - loop.time())
+                    except asyncio.TimeoutError:
+                        writing = await start(rows, msgs)
+                        rows, msgs = [], []
+                        continue
+                else:
+                    item = await get()
+                if item is None:
+                    if rows:
+                        writing = await start(rows, msgs)
+                    if writing is not None:
+                        await writing
+                    await self.acker.put(None)
+                    return
+                if not rows:
+                    deadline = loop.time() + self.batch_timeout
+                rows += item[0]
+                msgs += item[1]
+                if len(rows) >= batch_size:
+                    writing = await start(rows, msgs)
                     rows, msgs = [], []
-                    continue
-            else:
-                item = await get()
-            if item is None:
-                if rows:
-                    await self.flush(rows, msgs)
-                await self.acker.put(None)
-                return
-            if not rows:
-                deadline = loop.time() + self.batch_timeout
-            rows += item[0]
-            msgs += item[1]
-            if len(rows) >= batch_size:
-                await self.flush(rows, msgs)
-                rows, msgs = [], []
+        finally:
+            if writing is not None and not writing.done():
+                writing.cancel()
 
     async def flush(self, rows: list[tuple], msgs: list[dict]) -> None:
         """Commit ``rows`` (retrying transient errors forever), then pass ``msgs`` on."""
@@ -100,16 +142,20 @@ class CopySink:
             reraise=True,
         ):
             with attempt:
-                inserted, bad = await self._write_isolating(rows, msgs)
+                inserted, bad, later = await self._write_isolating(rows, msgs)
         self.healthy = True
         self.stats.batches += 1
         self.stats.inserted += inserted
-        self.stats.duplicates += len(rows) - inserted - len(bad)
+        self.stats.duplicates += len(rows) - inserted - len(bad) - len(later)
         if self.observe_latency is not None:
             self.observe_latency(msgs)
+        if bad or later:
+            out_ids = {id(m) for m, _, _ in bad} | {id(m) for m in later}
+            msgs = [m for m in msgs if id(m) not in out_ids]
+        if later:
+            self.stats.errors["postgres"] += len(later)
+            await self.acker.put(("retry", later))
         if bad:
-            dead_ids = {id(m) for m, _, _ in bad}
-            msgs = [m for m in msgs if id(m) not in dead_ids]
             await self.acker.put(("dead", bad))
         if msgs:
             await self.acker.put(("ack", msgs))
@@ -124,20 +170,26 @@ class CopySink:
                    "sleep_s": round(state.next_action.sleep, 2) if state.next_action else None},
         )
 
-    async def _write_isolating(self, rows: list[tuple], msgs: list[dict]) -> tuple[int, list]:
+    async def _write_isolating(self, rows: list[tuple], msgs: list[dict]) -> tuple[int, list, list]:
+        """(rows inserted, dead letters, messages left for redelivery); transient errors raise."""
         try:
-            return await self._write(rows), []
-        except asyncpg.PostgresError as exc:
-            if not _is_row_error(exc):
+            return await self._write(rows), [], []
+        except (asyncpg.PostgresError, ValueError, TypeError) as exc:
+            row_error = _is_row_error(exc)
+            if not row_error and not _is_suspect(exc):
                 raise
             if len(rows) == 1:
-                state = exc.sqlstate
+                state = getattr(exc, "sqlstate", None) or "client"
+                if not row_error:
+                    log.warning("row failed, leaving it for redelivery",
+                                extra={"sqlstate": state, "error": type(exc).__name__, "message_id": msgs[0]["MessageId"]})
+                    return 0, [], [msgs[0]]
                 log.warning("database rejected a row", extra={"sqlstate": state, "message_id": msgs[0]["MessageId"]})
-                return 0, [(msgs[0], f"db.{state}", f"database rejected the row: {state} {type(exc).__name__}: {str(exc)[:200]}")]
+                return 0, [(msgs[0], f"db.{state}", f"database rejected the row: {state} {type(exc).__name__}: {str(exc)[:200]}")], []
         mid = len(rows) // 2
-        n1, bad1 = await self._write_isolating(rows[:mid], msgs[:mid])
-        n2, bad2 = await self._write_isolating(rows[mid:], msgs[mid:])
-        return n1 + n2, bad1 + bad2
+        n1, bad1, later1 = await self._write_isolating(rows[:mid], msgs[:mid])
+        n2, bad2, later2 = await self._write_isolating(rows[mid:], msgs[mid:])
+        return n1 + n2, bad1 + bad2, later1 + later2
 
     async def _write(self, rows: list[tuple]) -> int:
         async with self.pool.acquire(timeout=30) as conn:

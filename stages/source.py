@@ -15,6 +15,7 @@ from typing import Any
 from pipeline.metrics import Stats
 
 from .acker import RETRYABLE, Leases, _describe
+from .transform import ORIGIN_ATTRIBUTES
 
 __all__ = ["SqsSource"]
 
@@ -34,14 +35,17 @@ class SqsSource:
             "MaxNumberOfMessages": 10,
             "WaitTimeSeconds": wait_time_seconds,
             "MessageSystemAttributeNames": ["SentTimestamp", "ApproximateReceiveCount"],
+            "MessageAttributeNames": list(ORIGIN_ATTRIBUTES),  # set only on redriven messages
         }
         if visibility_timeout:
             self._request["VisibilityTimeout"] = visibility_timeout
         self._tasks: list[asyncio.Task] = []
+        self._polling: set[int] = set()  # receivers inside a receive call (until its messages are handed on)
+        self._stopping = False
         self.last_poll_ok = True
 
     async def run(self) -> None:
-        """Run the receivers until cancelled (``stop``)."""
+        """Run the receivers until cancelled, or until ``stop`` and the calls under way are done."""
         self._tasks = [asyncio.create_task(self._receive(i), name=f"receiver-{i}") for i in range(self.receivers)]
         try:
             await asyncio.gather(*self._tasks)
@@ -49,15 +53,37 @@ class SqsSource:
             for t in self._tasks:
                 t.cancel()
 
+    def stop(self, *, finish_calls: bool = True) -> None:
+        """Stop polling; ``run`` returns once the receive calls under way have handed their messages on.
+
+        Cancelling a receive call mid-flight would lose its response: SQS has already made those
+        messages invisible, and nobody would hold (and later release) them until the visibility
+        timeout ran out. ``finish_calls=False`` cancels them anyway (the queue was seen empty).
+        """
+        self._stopping = True
+        for n, task in enumerate(self._tasks):
+            if not finish_calls or n not in self._polling:
+                task.cancel()
+
     async def _receive(self, n: int) -> None:
+        try:
+            await self._poll(n)
+        except asyncio.CancelledError:
+            if not self._stopping:
+                raise
+
+    async def _poll(self, n: int) -> None:
         receive, request, leases, put = self.client.receive_message, self._request, self.leases, self.outbox.put
+        polling = self._polling
         backoff = 0.0
-        while True:
+        while not self._stopping:
             await leases.reserve(10)
+            polling.add(n)
             try:
                 resp = await receive(**request)
             except RETRYABLE as exc:
                 leases.unreserve(10)
+                polling.discard(n)
                 self.stats.errors["sqs"] += 1
                 self.last_poll_ok = False
                 backoff = min(max(backoff * 2, 0.2), 10.0)
@@ -75,3 +101,4 @@ class SqsSource:
                 leases.add(msgs)
                 self.stats.received += len(msgs)
                 await put(msgs)
+            polling.discard(n)

@@ -11,13 +11,14 @@ import asyncio
 import datetime as dt
 import ipaddress
 import re
+import socket
 from typing import Any
 
 import orjson
 
 from .masking import Masker
 
-__all__ = ["COLUMNS", "Rejected", "to_row", "normalise_ip", "Transformer"]
+__all__ = ["COLUMNS", "Rejected", "to_row", "normalise_ip", "origin", "ORIGIN_ATTRIBUTES", "Transformer"]
 
 # Column order of every row tuple, of the staging table and of COPY.
 COLUMNS = (
@@ -37,6 +38,10 @@ _NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 _REQUIRED = frozenset(("user_id", "device_type", "ip", "device_id", "app_version"))
 _DAY_MS = 86_400_000
 _EPOCH = dt.date(1970, 1, 1)
+# Message attributes that `python -m pipeline redrive` sets on a dead letter it puts back.
+ORIGIN_ID, ORIGIN_SENT = "origin_message_id", "origin_sent_timestamp"
+ORIGIN_ATTRIBUTES = (ORIGIN_ID, ORIGIN_SENT)
+_inet_pton, _inet_ntop, _AF_INET = socket.inet_pton, socket.inet_ntop, socket.AF_INET
 
 
 class Rejected(ValueError):
@@ -58,6 +63,12 @@ def normalise_ip(text: str) -> str:
 
     IPv4-mapped IPv6 (``::ffff:1.2.3.4``) is folded to its IPv4 form.
     """
+    if ":" not in text:  # fast path: a dotted quad already in canonical form is its own answer
+        try:
+            if _inet_ntop(_AF_INET, _inet_pton(_AF_INET, text)) == text:
+                return text
+        except (OSError, ValueError):
+            pass  # not a plain dotted quad: let ipaddress decide (and word the rejection)
     addr = ipaddress.ip_address(text)
     if addr.version == 6 and addr.ipv4_mapped is not None:  # type: ignore[union-attr]
         addr = addr.ipv4_mapped  # type: ignore[union-attr]
@@ -111,11 +122,12 @@ def to_row(body: str | bytes, message_id: str, sent_ms: int, masker: Masker) -> 
     try:
         event = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        detail = "nesting too deep" if "recursion" in str(exc) else "not valid JSON"
+        detail = "nesting too deep" if "depth" in str(exc) or "recursion" in str(exc) else "not valid JSON"
         raise Rejected("body.json", f"body: {detail}") from None
     if type(event) is not dict:
         raise Rejected("body.type", f"body: must be a JSON object, got {_json_type(event)}")
-    if _NUL_ESCAPE.search(body if isinstance(body, str) else body.decode("utf-8", "replace")):
+    text = body if isinstance(body, str) else body.decode("utf-8", "replace")
+    if "\\u0000" in text and _NUL_ESCAPE.search(text):  # the substring test spares the regex almost always
         raise Rejected("body.nul", "body: contains a NUL character")
 
     if _REQUIRED.isdisjoint(event):
@@ -150,6 +162,24 @@ def to_row(body: str | bytes, message_id: str, sent_ms: int, masker: Masker) -> 
         app_version,
         _utc_date(sent_ms),
     )
+
+
+def origin(msg: dict) -> tuple[str, int]:
+    """The event's identity: its message id and send time (ms), or the original's for a redriven message.
+
+    The row key (``message_id``) and ``create_date`` then stay the same however often the
+    event is redelivered or redriven, so it is stored once.
+    """
+    mid, sent = msg["MessageId"], (msg.get("Attributes") or {}).get("SentTimestamp", 0)
+    attrs = msg.get("MessageAttributes")
+    if attrs:
+        o_id, o_sent = attrs.get(ORIGIN_ID), attrs.get(ORIGIN_SENT)
+        if o_id and o_id.get("StringValue"):
+            mid = o_id["StringValue"]
+        value = o_sent and o_sent.get("StringValue")
+        if value and value.isdecimal() and len(value) <= 14:  # a producer could send anything: stay in date range
+            sent = value
+    return mid, int(sent)
 
 
 class Transformer:
@@ -192,7 +222,10 @@ class Transformer:
                             "poison",
                             f"poison: received {attrs['ApproximateReceiveCount']} times without being stored",
                         )
-                    rows.append(to_row(msg["Body"], msg["MessageId"], int(attrs.get("SentTimestamp", 0)), masker))
+                    if "MessageAttributes" in msg:  # redriven: keep the original's id and date
+                        rows.append(to_row(msg["Body"], *origin(msg), masker))
+                    else:
+                        rows.append(to_row(msg["Body"], msg["MessageId"], int(attrs.get("SentTimestamp", 0)), masker))
                     msgs.append(msg)
                 except Rejected as exc:
                     dead.append((msg, exc.rule, exc.reason))
