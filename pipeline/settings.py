@@ -84,7 +84,7 @@ class MaskingSettings(_Section):
 
 class PipelineSettings(_Section):
     batch_size: int = Field(2000, ge=1, le=100_000)
-    batch_timeout: float = Field(0.5, gt=0, le=60)
+    batch_timeout: float = Field(0.1, gt=0, le=60)
     queue_size: int = Field(64, ge=1)
     grace_seconds: float = Field(10, ge=0)
     state_dir: Path = Path(".pipeline")

@@ -8,32 +8,24 @@
 from __future__ import annotations
 
 import atexit
-import fcntl
-import os
 import selectors
-import shutil
-import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
-import time
-import urllib.error
-import urllib.request
 import warnings
 from pathlib import Path
 from typing import Any, Self
 
-# LocalStack >= 4.13 no longer runs on Python 3.11; the caps pin its deps to versions 4.12 works with.
-LOCALSTACK_REQUIREMENTS = (
-    "localstack-core[runtime]==4.12.0",
-    "cbor2<5.7",
-    "cryptography<45",
-    "pyopenssl<25",
-    "joserfc<1.3",
-    "service_identity<25",
+from pipeline.localstack import (  # noqa: F401  (re-exported: the fixtures' API)
+    LOCALSTACK_REQUIREMENTS,
+    LocalStack,
+    free_port,
+    wait_http_ok,
 )
+from pipeline.localstack import clean_env as _clean_env  # noqa: F401
+from pipeline.localstack import ensure_venv as _ensure_localstack_venv  # noqa: F401
+from pipeline.localstack import tail as _tail
 
 
 REGION = "us-east-1"
@@ -52,150 +44,6 @@ def sqs_client(endpoint: str, **config: Any) -> Any:
         aws_secret_access_key="test",
         config=botocore.config.Config(**config),
     )
-
-
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_http_ok(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
-    """Poll ``url`` until it answers 200; fail early if ``proc`` dies meanwhile.
-
-    Proxies are bypassed: the services always live on 127.0.0.1.
-    """
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
-        try:
-            with opener.open(url, timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.25)
-    raise TimeoutError(f"{url} did not answer 200 within {timeout:.0f}s")
-
-
-def _clean_env() -> dict[str, str]:
-    """Our environment minus what would leak the test interpreter's packages into another Python."""
-    return {k: v for k, v in os.environ.items() if k not in {"PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV"}}
-
-
-def _tail(path: Path, lines: int = 60) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return f"(no log at {path})"
-
-
-def _ensure_localstack_venv(venv: Path) -> Path:
-    """Install LocalStack into ``venv`` once; return its python.
-
-    A file lock keeps concurrent test runs from installing over each other; the marker (holding
-    the pinned requirements) is written only after a successful install, so a half-finished or
-    outdated venv is rebuilt.
-    """
-    python = venv / "bin" / "python"
-    marker = venv / ".installed"
-    wanted = "\n".join(LOCALSTACK_REQUIREMENTS)
-
-    def usable() -> bool:
-        if not marker.exists() or marker.read_text() != wanted:
-            return False
-        probe = subprocess.run([python, "-c", "import localstack"], env=_clean_env(), capture_output=True, check=False)
-        return probe.returncode == 0
-
-    venv.parent.mkdir(parents=True, exist_ok=True)
-    with open(venv.parent / f"{venv.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if usable():
-            return python
-        shutil.rmtree(venv, ignore_errors=True)
-        log = venv.parent / f"{venv.name}-install.log"
-        with open(log, "wb") as out:
-            # The venv's pip reads the system/user pip config and PIP_* variables (mirrors, certs).
-            steps: list[list[str | Path]] = [
-                [sys.executable, "-m", "venv", str(venv)],
-                [python, "-m", "pip", "install", *LOCALSTACK_REQUIREMENTS],
-            ]
-            for cmd in steps:
-                if subprocess.run(
-                    cmd, stdout=out, stderr=subprocess.STDOUT, env=_clean_env(), timeout=900, check=False
-                ).returncode:
-                    raise RuntimeError(f"LocalStack install failed: {cmd}\n{_tail(log)}")
-        marker.write_text(wanted)
-        return python
-
-
-class LocalStack:
-    """A LocalStack (SQS + KMS) process on a free port, in its own process group."""
-
-    def __init__(self, proc: subprocess.Popen[bytes], port: int, run_dir: Path) -> None:
-        self.proc = proc
-        self.port = port
-        self.endpoint = f"http://127.0.0.1:{port}"
-        self.run_dir = run_dir
-        self.log = run_dir / "localstack.log"
-
-    @classmethod
-    def start(cls, cache_dir: Path, timeout: float = 120) -> LocalStack:
-        """Install (if needed) and start LocalStack; return once its health endpoint answers."""
-        cache_dir = cache_dir.resolve()  # LocalStack runs with another cwd
-        python = _ensure_localstack_venv(cache_dir / "localstack-venv")
-        port = free_port()
-        # Per-instance scratch: LocalStack wipes its tmp folder on start/stop, which must not
-        # hit a concurrently running instance.
-        run_dir = Path(tempfile.mkdtemp(prefix="localstack-run-", dir=cache_dir))
-        env = _clean_env() | {
-            "SERVICES": "sqs,kms",
-            "GATEWAY_LISTEN": f"127.0.0.1:{port}",
-            "LOCALSTACK_HOST": f"127.0.0.1:{port}",
-            "SQS_ENDPOINT_STRATEGY": "off",  # queue URLs are http://127.0.0.1:PORT/<account>/<name>
-            "SKIP_SSL_CERT_DOWNLOAD": "1",  # no network here; don't even try
-            "DISABLE_EVENTS": "1",  # no analytics calls
-            "FILESYSTEM_ROOT": str(run_dir / "fs"),
-            "TMPDIR": str(run_dir),
-        }
-        with open(run_dir / "localstack.log", "wb") as out:
-            proc = subprocess.Popen(
-                [str(python), "-m", "localstack.runtime.main"],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-                cwd=run_dir,
-                start_new_session=True,
-            )
-        ls = cls(proc, port, run_dir)
-        atexit.register(ls.stop)  # in case the session finalizer never runs
-        try:
-            wait_http_ok(f"{ls.endpoint}/_localstack/health", timeout, proc)
-        except Exception as exc:
-            ls.stop(keep_log=True)
-            atexit.unregister(ls.stop)  # keep the log for a post-mortem
-            raise RuntimeError(f"LocalStack did not start ({exc}); log {ls.log}:\n{_tail(ls.log)}") from exc
-        return ls
-
-    def stop(self, keep_log: bool = False) -> None:
-        """Kill the whole process group (TERM, then KILL) and drop the scratch dir; idempotent."""
-        if self.proc.poll() is None:
-            for sig, grace in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
-                try:
-                    os.killpg(self.proc.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    self.proc.wait(grace)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
-        if not keep_log:
-            shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
 class Postgres:

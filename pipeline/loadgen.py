@@ -1,0 +1,196 @@
+"""``python -m pipeline loadgen``: fill a queue with realistic login events, fast or at a set rate.
+
+Many ``SendMessageBatch`` calls run at once (one aiobotocore client, a connection each),
+because one call at a time is bounded by the broker's round trip, not by its throughput.
+With ``rate`` the batches are scheduled on a fixed timetable (batch ``k`` leaves at
+``k * 10 / rate`` seconds), so a slow call does not make the next ones bunch up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import sys
+import time
+from collections import Counter
+from typing import Any, AsyncIterator, Callable, Iterator
+
+import orjson
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+from botocore.exceptions import BotoCoreError, ClientError
+
+from .sample import iter_bodies
+from .settings import Settings
+
+__all__ = ["loadgen", "producer_client", "add_arguments", "command"]
+
+SEND_ATTEMPTS = 5
+
+
+@contextlib.asynccontextmanager
+async def producer_client(settings: Settings, concurrency: int) -> AsyncIterator[Any]:
+    """An SQS client sized for ``concurrency`` calls at once, without per-call validation."""
+    s = settings.sqs
+    config = AioConfig(
+        max_pool_connections=concurrency + 4, connect_timeout=5, read_timeout=30,
+        retries={"mode": "standard", "max_attempts": 4}, tcp_keepalive=True, parameter_validation=False,
+    )
+    async with get_session().create_client(
+        "sqs", region_name=s.region, endpoint_url=s.endpoint_url or None, config=config
+    ) as client:
+        yield client
+
+
+def _batches(bodies: Iterator[tuple[str, str]]) -> Iterator[tuple[list[dict], Counter]]:
+    entries: list[dict] = []
+    kinds: Counter = Counter()
+    for kind, body in bodies:
+        entries.append({"Id": str(len(entries)), "MessageBody": body})
+        kinds[kind] += 1
+        if len(entries) == 10:
+            yield entries, kinds
+            entries, kinds = [], Counter()
+    if entries:
+        yield entries, kinds
+
+
+async def loadgen(
+    settings: Settings, *, count: int, rate: float | None = None, invalid_ratio: float = 0.0,
+    duplicate_ratio: float = 0.0, seed: int = 0, concurrency: int = 32, queue_url: str | None = None,
+    client: Any = None, on_sent: Callable[[int], None] | None = None,
+) -> dict:
+    """Send ``count`` bodies to ``queue_url`` (default: the configured queue); return the summary.
+
+    ``on_sent(n)`` is called after each batch (progress bars, benchmarks).
+    """
+    url = queue_url or settings.sqs.queue_url
+    if client is None:
+        async with producer_client(settings, concurrency) as c:
+            return await loadgen(
+                settings, count=count, rate=rate, invalid_ratio=invalid_ratio, duplicate_ratio=duplicate_ratio,
+                seed=seed, concurrency=concurrency, queue_url=url, client=c, on_sent=on_sent,
+            )
+    batches = enumerate(_batches(iter_bodies(count, seed, invalid_ratio=invalid_ratio, duplicate_ratio=duplicate_ratio)))
+    sent: Counter = Counter()
+    failed = 0
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    interval = 10 / rate if rate else 0.0
+
+    async def worker() -> None:
+        nonlocal failed
+        send = client.send_message_batch
+        for k, (entries, kinds) in batches:  # the shared iterator hands each batch to one worker
+            if interval:
+                delay = start + k * interval - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            pending = entries
+            for attempt in range(SEND_ATTEMPTS):
+                try:
+                    resp = await send(QueueUrl=url, Entries=pending)
+                except (BotoCoreError, ClientError, OSError, asyncio.TimeoutError):
+                    if attempt == SEND_ATTEMPTS - 1:
+                        break
+                    await asyncio.sleep(0.2 * 2**attempt)
+                    continue
+                bad = {f["Id"] for f in resp.get("Failed", ())}
+                pending = [e for e in pending if e["Id"] in bad]
+                if not pending:
+                    break
+                await asyncio.sleep(0.2 * 2**attempt)
+            failed += len(pending)
+            ok = len(entries) - len(pending)
+            sent.update(kinds)
+            if pending:  # attribute the losses to "valid": only the total matters here
+                sent["valid"] -= len(pending)
+            if on_sent is not None:
+                on_sent(ok)
+
+    await asyncio.gather(*(worker() for _ in range(max(1, concurrency))))
+    elapsed = loop.time() - start
+    total = sum(sent.values())
+    return {
+        "queue_url": url,
+        "sent": total,
+        "valid": sent["valid"],
+        "invalid": sent["invalid"],
+        "duplicates": sent["duplicate"],
+        "failed": failed,
+        "seed": seed,
+        "target_rate_per_s": rate,
+        "elapsed_s": round(elapsed, 3),
+        "rate_per_s": round(total / elapsed, 1) if elapsed > 0 else 0.0,
+    }
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, description: str = "sending") -> Iterator[Callable[[int], None] | None]:
+    """A rich progress bar on stderr when it is a terminal; otherwise nothing (logs stay clean)."""
+    from .console import interactive
+
+    if not interactive():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TimeRemainingColumn
+    from rich.text import Text
+
+    class Rate(ProgressColumn):
+        def render(self, task: Any) -> Text:
+            return Text(f"{task.speed or 0:>7.0f} msg/s")
+
+    with Progress(
+        "{task.description}", BarColumn(), MofNCompleteColumn(), Rate(), TimeRemainingColumn(),
+        console=Console(stderr=True),
+    ) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--count", type=int, required=True, help="messages to send")
+    p.add_argument("--rate", type=float, help="messages per second (default: as fast as the broker takes them)")
+    p.add_argument("--invalid-ratio", type=float, default=0.0, help="share of bodies that must be dead-lettered (0-1)")
+    p.add_argument("--duplicate-ratio", type=float, default=0.0,
+                   help="share of bodies that repeat a recent one verbatim: the same event sent twice (0-1)")
+    p.add_argument("--seed", type=int, default=0, help="same seed, same bodies")
+    p.add_argument("--concurrency", type=int, default=32, help="SendMessageBatch calls in flight (default 32)")
+
+
+async def command(settings: Settings, args: argparse.Namespace) -> int:
+    """``python -m pipeline loadgen``: a JSON summary on stdout, a progress bar on a terminal."""
+    from .runner import PreflightError, _sqs_problem
+
+    problems = [
+        (args.count < 0, "--count must be >= 0"),
+        (args.rate is not None and args.rate <= 0, "--rate must be > 0"),
+        (not 0 <= args.invalid_ratio <= 1, "--invalid-ratio must be between 0 and 1"),
+        (not 0 <= args.duplicate_ratio <= 1, "--duplicate-ratio must be between 0 and 1"),
+        (args.concurrency < 1, "--concurrency must be >= 1"),
+        (settings.embedded_sqs, "loadgen needs a configured queue (PIPELINE_SQS__QUEUE_URL): the embedded broker "
+                                "lives in memory only while `run` or `bench` runs; `python -m pipeline bench` "
+                                "starts its own broker and load"),
+    ]
+    for bad, message in problems:
+        if bad:
+            print(f"error: {message}", file=sys.stderr)
+            return 2
+    s = settings.sqs
+    async with producer_client(settings, args.concurrency) as client:
+        try:
+            await client.get_queue_attributes(QueueUrl=s.queue_url, AttributeNames=["QueueArn"])
+        except (BotoCoreError, ClientError) as exc:
+            raise _sqs_problem(exc, "queue", s.queue_url, s.endpoint_url) from None
+        with progress_bar(args.count) as on_sent:
+            summary = await loadgen(
+                settings, count=args.count, rate=args.rate, invalid_ratio=args.invalid_ratio,
+                duplicate_ratio=args.duplicate_ratio, seed=args.seed, concurrency=args.concurrency,
+                client=client, on_sent=on_sent,
+            )
+    sys.stdout.write(orjson.dumps(summary).decode() + "\n")
+    if summary["failed"]:
+        raise PreflightError(f"{summary['failed']} of {args.count} messages could not be sent")
+    return 0
