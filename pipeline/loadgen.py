@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import contextlib
 import sys
-import time
 from collections import Counter
 from typing import Any, AsyncIterator, Callable, Iterator
 
