@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import Any
 
 import asyncpg
@@ -55,9 +54,14 @@ def _is_suspect(exc: BaseException) -> bool:
     return isinstance(exc, (ValueError, TypeError))  # the driver could not encode a value (e.g. a surrogate)
 
 
+# A connection lost mid-COPY can surface as InternalClientError ("waiter is not done while
+# handling critical protocol error"): asyncpg aborts that connection, so a retry gets a new one.
+_CONNECTION_ERRORS = (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError,
+                      asyncpg.InternalClientError)
+
+
 def _is_transient(exc: BaseException) -> bool:
-    return (isinstance(exc, (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError))
-            and not _is_row_error(exc) and not _is_suspect(exc))
+    return isinstance(exc, _CONNECTION_ERRORS) and not _is_row_error(exc) and not _is_suspect(exc)
 
 
 async def create_stage_table(conn: asyncpg.Connection, table: str) -> None:
@@ -198,13 +202,3 @@ class CopySink:
                 status = await conn.execute(self._insert)
         return int(status.rpartition(" ")[2])
 
-
-def latency_observer(histogram_observe: Any) -> Any:
-    """Per-message end-to-end latency (SentTimestamp to commit), in seconds."""
-
-    def observe(msgs: list[dict]) -> None:
-        now_ms = time.time() * 1000
-        for m in msgs:
-            histogram_observe((now_ms - int(m["Attributes"]["SentTimestamp"])) / 1000)
-
-    return observe
