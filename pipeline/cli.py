@@ -1,4 +1,4 @@
-"""``python -m pipeline``: run, migrate, keygen, unmask, rekey, show.
+"""``python -m pipeline``: run, migrate, check, keygen, unmask, rekey, redrive, show, loadgen, bench.
 
 Every failure an operator can cause (a bad config key, a missing key, an unreachable
 service) ends as one ``error: …`` line on stderr and a non-zero exit, not a traceback.
@@ -38,7 +38,7 @@ EXIT_FAILURE = 1
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m pipeline", description="Stream user-login events from SQS into PostgreSQL, masking their PII.")
     p.add_argument("--config", type=Path, help="TOML config file (default: $PIPELINE_CONFIG or ./config.toml)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
