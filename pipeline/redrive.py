@@ -20,7 +20,7 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from stages.acker import _describe
+from stages.acker import _describe, send_batches
 from stages.transform import ORIGIN_ID, ORIGIN_SENT
 
 from .runner import PreflightError, check_queues, sqs_client
@@ -32,7 +32,6 @@ log = logging.getLogger("pipeline.redrive")
 
 # Attributes the acker sets on a dead letter; they describe the rejection, not the event.
 DEAD_LETTER_ATTRIBUTES = frozenset(("reason", "rule", "source_message_id", "source_sent_timestamp", "source_queue"))
-_BATCH_BYTES = 200_000  # SendMessageBatch carries at most 256 KiB in all
 _HIDE_S = 60  # how long a received dead letter stays hidden while it is being moved
 
 
@@ -50,20 +49,6 @@ def _entry(i: int, msg: dict) -> dict:
     keep[ORIGIN_ID] = {"DataType": "String", "StringValue": mid}
     keep[ORIGIN_SENT] = {"DataType": "Number", "StringValue": str(sent)}
     return {"Id": str(i), "MessageBody": msg["Body"], "MessageAttributes": keep}
-
-
-def _chunks(msgs: list[dict]) -> list[list[dict]]:
-    """Send batches under the 256 KiB request limit (a 200 KB body travels alone)."""
-    out: list[list[dict]] = []
-    size = 0
-    for m in msgs:
-        n = len(m["Body"].encode()) + 1024
-        if not out or size + n > _BATCH_BYTES:
-            out.append([])
-            size = 0
-        out[-1].append(m)
-        size += n
-    return out
 
 
 async def redrive(settings: Settings, *, limit: int | None = None, wait_seconds: int = 2) -> dict:
@@ -88,7 +73,7 @@ async def redrive(settings: Settings, *, limit: int | None = None, wait_seconds:
                     break
                 fresh = [m for m in msgs if int(m["Attributes"]["SentTimestamp"]) <= started_ms]
                 later += len(msgs) - len(fresh)  # dead-lettered after we started: they reappear later
-                for chunk in _chunks(fresh):
+                for chunk in send_batches(fresh, lambda m: m["Body"]):
                     sent = await _move(client, s.queue_url, s.dlq_url, chunk)
                     moved += len(sent)
                     failed += len(chunk) - len(sent)

@@ -21,12 +21,12 @@ from pipeline.metrics import Stats
 
 from .transform import origin
 
-__all__ = ["Leases", "Acker", "Heartbeat", "release"]
+__all__ = ["Leases", "Acker", "Heartbeat", "release", "send_batches"]
 
 log = logging.getLogger("pipeline.acker")
 
 RETRYABLE = (BotoCoreError, ClientError, OSError, asyncio.TimeoutError)
-_DLQ_BATCH_BYTES = 200_000  # stay under SendMessageBatch's 256 KiB total
+_SEND_BATCH_BYTES = 200_000  # stay under SendMessageBatch's 256 KiB per request
 
 
 # Per-entry failures that no retry can fix.
@@ -57,6 +57,24 @@ def _describe(exc: BaseException | None) -> str:
         err = exc.response.get("Error", {})
         return f"{err.get('Code', 'ClientError')}: {err.get('Message', '')}"
     return f"{type(exc).__name__}: {exc}"
+
+
+def send_batches(items: list, body: Any, overhead: int = 1024) -> list[list]:
+    """Split ``items`` into ``SendMessageBatch`` calls: at most 10 entries and ~200 KB each.
+
+    ``body(item)`` is the message body; ``overhead`` covers its attributes. A body near the
+    256 KiB message limit travels alone.
+    """
+    out: list[list] = []
+    size = 0
+    for item in items:
+        n = len(body(item).encode()) + overhead
+        if not out or len(out[-1]) == 10 or size + n > _SEND_BATCH_BYTES:
+            out.append([])
+            size = 0
+        out[-1].append(item)
+        size += n
+    return out
 
 
 class Leases:
@@ -172,16 +190,7 @@ class Acker:
                         raise RetryableSqsError(f"{len(pending)} deletes failed")
 
     async def _dead_letter(self, dead: list[tuple[dict, str, str]]) -> None:
-        chunk: list[tuple[dict, str, str]] = []
-        size = 0
-        for item in dead:
-            body_len = len(item[0]["Body"].encode()) + 512
-            if chunk and (len(chunk) == 10 or size + body_len > _DLQ_BATCH_BYTES):
-                await self._send_dead(chunk)
-                chunk, size = [], 0
-            chunk.append(item)
-            size += body_len
-        if chunk:
+        for chunk in send_batches(dead, lambda d: d[0]["Body"]):
             await self._send_dead(chunk)
 
     def _dead_attributes(self, msg: dict, rule: str, reason: str) -> dict:

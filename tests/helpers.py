@@ -12,6 +12,7 @@ from typing import Any
 import asyncpg
 
 from pipeline.settings import Settings
+from stages.acker import send_batches
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,12 +50,16 @@ def run_cli(*args: str, env: dict[str, str], timeout: float = 180, input: str | 
     )
 
 
-def send_bodies(client: Any, queue_url: str, bodies: list[str]) -> None:
-    for i in range(0, len(bodies), 10):
+def send_bodies(client: Any, queue_url: str, bodies: list[str]) -> list[str]:
+    """Send in ``SendMessageBatch`` calls the size limits allow; return the message ids in order."""
+    ids: list[str] = []
+    for batch in send_batches(bodies, str, overhead=0):
         resp = client.send_message_batch(
-            QueueUrl=queue_url, Entries=[{"Id": str(j), "MessageBody": b} for j, b in enumerate(bodies[i : i + 10])]
-        )
+            QueueUrl=queue_url, Entries=[{"Id": str(j), "MessageBody": b} for j, b in enumerate(batch)])
         assert not resp.get("Failed"), resp["Failed"]
+        got = {int(e["Id"]): e["MessageId"] for e in resp["Successful"]}
+        ids.extend(got[j] for j in range(len(batch)))
+    return ids
 
 
 def drain(client: Any, queue_url: str, *, wait: int = 1) -> list[dict]:

@@ -98,31 +98,6 @@ def wait_for(pred: Callable[[], bool], timeout: float, what: str, interval: floa
         time.sleep(interval)
 
 
-def send_sized(client: Any, queue_url: str, bodies: list[str]) -> list[str]:
-    """Send in batches under SendMessageBatch's 256 KiB; return the message ids in order."""
-    ids: list[str] = []
-    batch: list[str] = []
-    size = 0
-
-    def flush() -> None:
-        resp = client.send_message_batch(
-            QueueUrl=queue_url, Entries=[{"Id": str(j), "MessageBody": b} for j, b in enumerate(batch)])
-        assert not resp.get("Failed"), resp["Failed"]
-        got = {int(e["Id"]): e["MessageId"] for e in resp["Successful"]}
-        ids.extend(got[j] for j in range(len(batch)))
-
-    for body in bodies:
-        n = len(body.encode())
-        if batch and (len(batch) == 10 or size + n > 200_000):
-            flush()
-            batch, size = [], 0
-        batch.append(body)
-        size += n
-    if batch:
-        flush()
-    return ids
-
-
 PG_PASSWORD = "s3cret-pw-8c1f"  # trust auth ignores it; it must never be printed
 
 

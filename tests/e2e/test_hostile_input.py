@@ -13,7 +13,7 @@ from pipeline.sample import sample_bodies
 from stages.masking import Masker, generate_key, parse_key
 from stages.transform import normalise_ip
 from tests.e2e.corpus import BAD, ODD, UNSENDABLE
-from tests.e2e.support import send_sized
+from tests.helpers import send_bodies
 from tests.helpers import drain, fetch, make_settings, queue_counts
 
 pytestmark = pytest.mark.e2e
@@ -39,7 +39,7 @@ def test_sqs_refuses_what_json_escapes_would_be_needed_for(queues) -> None:  # t
 
 async def test_hostile_corpus_in_valid_traffic(queues, pg_dsn: str) -> None:  # type: ignore[no-untyped-def]
     items = mixed_traffic(300, seed=41)
-    ids = send_sized(queues.client, queues.queue_url, [b for b, _ in items])
+    ids = send_bodies(queues.client, queues.queue_url, [b for b, _ in items])
     summary = await run(make_settings(queues, pg_dsn, KEY, batch_size=50), until_empty=True)
     assert summary["rejected"] == len(BAD) and summary["inserted"] == 300 + len(ODD), summary
 

@@ -19,8 +19,8 @@ from pipeline.sample import sample_bodies
 from stages.masking import generate_key
 from stages.transform import normalise_ip
 from tests.e2e.corpus import BAD, ODD
-from tests.e2e.support import PG_PASSWORD, Cli, row_count, send_sized, tcp_dsn, wait_for
-from tests.helpers import drain, fetch, pipeline_env, queue_counts, run_cli
+from tests.e2e.support import PG_PASSWORD, Cli, row_count, tcp_dsn, wait_for
+from tests.helpers import drain, fetch, pipeline_env, queue_counts, run_cli, send_bodies
 from tests.services import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -61,7 +61,7 @@ def scrape(port: int, path: str) -> str:
 
 def test_nothing_written_contains_pii_keys_or_passwords(queues, pg_dsn: str, postgres, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     bodies = sample_bodies(400, seed=51) + [c.body for c in [*BAD, *ODD]]
-    send_sized(queues.client, queues.queue_url, bodies)
+    send_bodies(queues.client, queues.queue_url, bodies)
     port = free_port()
     env = pipeline_env(queues, tcp_dsn(postgres, pg_dsn), KEY, PIPELINE_HTTP__PORT=str(port),
                        PIPELINE_HTTP__HOST="127.0.0.1", PIPELINE_PIPELINE__PROGRESS_INTERVAL="1")
