@@ -13,13 +13,12 @@ import asyncio
 import contextlib
 import sys
 from collections import Counter
-from typing import Any, AsyncIterator, Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import orjson
-from aiobotocore.config import AioConfig
-from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
+from .runner import sqs_client
 from .sample import iter_bodies
 from .settings import Settings
 
@@ -28,18 +27,9 @@ __all__ = ["loadgen", "producer_client", "add_arguments", "command"]
 SEND_ATTEMPTS = 5
 
 
-@contextlib.asynccontextmanager
-async def producer_client(settings: Settings, concurrency: int) -> AsyncIterator[Any]:
-    """An SQS client sized for ``concurrency`` calls at once, without per-call validation."""
-    s = settings.sqs
-    config = AioConfig(
-        max_pool_connections=concurrency + 4, connect_timeout=5, read_timeout=30,
-        retries={"mode": "standard", "max_attempts": 4}, tcp_keepalive=True, parameter_validation=False,
-    )
-    async with get_session().create_client(
-        "sqs", region_name=s.region, endpoint_url=s.endpoint_url or None, config=config
-    ) as client:
-        yield client
+def producer_client(settings: Settings, concurrency: int) -> Any:
+    """An SQS client sized for ``concurrency`` sends at once, without per-call validation."""
+    return sqs_client(settings, concurrency=concurrency, read_timeout=30, parameter_validation=False)
 
 
 def _batches(bodies: Iterator[tuple[str, str]]) -> Iterator[tuple[list[dict], Counter]]:

@@ -29,26 +29,18 @@ from stages.sink import CopySink, create_stage_table
 from stages.source import SqsSource
 from stages.transform import Transformer
 
-from .keyring import load_masker, load_masker_sync
+from .keyring import load_masker
 from .metrics import Stats
 from .schema import migrate
 from .settings import Settings, redact_dsn, scrub_dsn_secrets
 
-__all__ = ["run", "Runtime", "PreflightError", "sqs_client", "connect_postgres", "masker_from", "masker_for"]
+__all__ = ["run", "Runtime", "PreflightError", "sqs_client", "connect_postgres", "masker_for"]
 
 log = logging.getLogger("pipeline")
 
 
 class PreflightError(Exception):
     """A dependency is missing or unreachable at start-up; one line for the operator."""
-
-
-def masker_from(settings: Settings) -> Masker:
-    """The key ring from env and files (no KMS); see ``pipeline.keyring``."""
-    try:
-        return load_masker_sync(settings)
-    except KeyError_ as exc:
-        raise PreflightError(str(exc)) from None
 
 
 async def masker_for(settings: Settings) -> Masker:
@@ -60,14 +52,19 @@ async def masker_for(settings: Settings) -> Masker:
 
 
 @contextlib.asynccontextmanager
-async def sqs_client(settings: Settings, *, connect_timeout: float = 5, attempts: int = 4) -> AsyncIterator[Any]:
+async def sqs_client(
+    settings: Settings, *, connect_timeout: float = 5, attempts: int = 4, concurrency: int | None = None,
+    read_timeout: float | None = None, parameter_validation: bool = True,
+) -> AsyncIterator[Any]:
+    """The SQS client, one pooled keep-alive connection per concurrent call (receivers + ackers by default)."""
     s = settings.sqs
     config = AioConfig(
-        max_pool_connections=s.receivers + s.ackers + 8,
+        max_pool_connections=(s.receivers + s.ackers if concurrency is None else concurrency) + 8,
         connect_timeout=connect_timeout,
-        read_timeout=s.wait_time_seconds + 15,
+        read_timeout=s.wait_time_seconds + 15 if read_timeout is None else read_timeout,
         retries={"mode": "standard", "max_attempts": attempts},
         tcp_keepalive=True,
+        parameter_validation=parameter_validation,
     )
     async with get_session().create_client(
         "sqs", region_name=s.region, endpoint_url=s.endpoint_url or None, config=config
