@@ -13,12 +13,9 @@ import asyncio
 import contextlib
 import logging
 import os
-import socket
 import subprocess
 import sys
-import time
 import warnings
-import urllib.request
 from pathlib import Path
 from typing import AsyncIterator
 
@@ -26,6 +23,7 @@ from pydantic import SecretStr
 
 from stages.masking import generate_key
 
+from .localstack import free_port, wait_http_ok
 from .sample import MALFORMED, WRONG_TYPE, sample_bodies
 from .settings import Settings
 
@@ -49,12 +47,6 @@ def local_key(state_dir: Path) -> str:
     return path.read_text().strip()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start_postgres(state_dir: Path) -> str:
     warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR", module="platformdirs")
     logging.getLogger("pgserver").setLevel(logging.WARNING)
@@ -71,23 +63,19 @@ def _start_broker(state_dir: Path) -> tuple[subprocess.Popen, str]:
         import moto.server  # noqa: F401
     except ImportError:
         raise RuntimeError("the embedded SQS broker needs the 'embedded' extra: pip install -e '.[embedded]'") from None
-    port = _free_port()
-    log_file = open(state_dir / "broker.log", "ab")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    port = free_port()
+    with open(state_dir / "broker.log", "ab") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+        )
     endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(endpoint + "/moto-api/", timeout=1).close()
-            return proc, endpoint
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError(f"embedded SQS broker did not start; see {state_dir / 'broker.log'}") from None
-            time.sleep(0.1)
+    try:
+        wait_http_ok(endpoint + "/moto-api/", 30, proc)
+    except (RuntimeError, TimeoutError):
+        proc.kill()
+        raise RuntimeError(f"embedded SQS broker did not start; see {state_dir / 'broker.log'}") from None
+    return proc, endpoint
 
 
 @contextlib.asynccontextmanager
