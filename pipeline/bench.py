@@ -818,15 +818,21 @@ def table(report: dict) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--count", type=int, help=f"messages per phase (default 20000; with --memory {MEMORY_COUNT})")
-    p.add_argument("--out", type=Path, default=Path("benchmarks"), help="folder for the JSON report and PNG chart")
+    p.description = ("Measure the pipeline's throughput next to its ceilings on private queues and tables: "
+                     "(a) the broker alone, (b) the pipeline, (c) the core without SQS, raw COPY, and latency at "
+                     "half the maximum rate. Prints a table and one JSON line (ratios, targets met, files) and "
+                     "writes bench.json and bench.png; the configured queue and table are never touched.")
+    p.add_argument("--count", type=int, help=f"messages per phase (default: 20000; with --memory {MEMORY_COUNT})")
+    p.add_argument("--out", type=Path, default=Path("benchmarks"),
+                   help="folder for the JSON report and PNG chart (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=3,
-                   help="alternate (a) and (b) this many times and compare their medians (default 3)")
+                   help="alternate (a) and (b) this many times and compare their medians (default: %(default)s)")
     p.add_argument("--memory", action="store_true",
                    help=f"instead: RSS while a {MEMORY_COUNT:,}-message backlog drains (writes memory.json/png)")
     p.add_argument("--no-latency", dest="latency", action="store_false", help="skip the half-rate latency run")
-    p.add_argument("--latency-seconds", type=float, default=15.0, help="length of the half-rate latency run")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--latency-seconds", type=float, default=15.0,
+                   help="length of the half-rate latency run, seconds (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=42, help="seed of the generated bodies (default: %(default)s)")
 
 
 async def command(settings: Settings, args: argparse.Namespace) -> int:

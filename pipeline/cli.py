@@ -21,7 +21,7 @@ from stages.masking import KeyError_, generate_key
 from .bench import add_arguments as bench_arguments
 from .bench import command as bench_command
 from .check import check
-from .console import interactive, live_progress, print_summary
+from .console import interactive, invocation, live_progress, print_summary
 from .embedded import embedded
 from .loadgen import add_arguments as loadgen_arguments
 from .loadgen import command as loadgen_command
@@ -38,9 +38,11 @@ EXIT_FAILURE = 1
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pipeline", description="Stream user-login events from SQS into PostgreSQL, masking their PII.")
+    p = argparse.ArgumentParser(prog=invocation(), description="Stream user-login events from SQS into PostgreSQL, masking their PII.")
     p.add_argument("--config", type=Path, help="TOML config file (default: $PIPELINE_CONFIG or ./config.toml)")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="JSON log lines on stderr at this level and above (default: WARNING for commands that "
+                        "print results: show, unmask, check, keygen; INFO otherwise)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     r = sub.add_parser("run", help="stream SQS into PostgreSQL until SIGINT/SIGTERM")
@@ -62,18 +64,28 @@ def _parser() -> argparse.ArgumentParser:
     rk.add_argument("--max-batches", type=int, help="stop after this many batches (a rerun continues)")
     rk.add_argument("--dry-run", action="store_true", help="only report what would change")
     s = sub.add_parser("show", help="print the newest rows of the table (masked) and its row count")
-    s.add_argument("--limit", type=int, default=10)
+    s.add_argument("--limit", type=int, default=10, help="rows to print (default: %(default)s)")
     sub.add_parser("check", help="check config, SQS (queue and DLQ) and PostgreSQL (table); one line per finding")
     rd = sub.add_parser("redrive", help="move dead letters back to the source queue (after a fix); prints a JSON summary")
     rd.add_argument("--max", type=int, metavar="N", help="move at most N messages (default: all)")
     loadgen_arguments(sub.add_parser("loadgen", help="fill the configured queue with realistic login events"))
     bench_arguments(sub.add_parser("bench", help="measure the pipeline next to the broker's and the database's ceilings"))
+    for action in sub._choices_actions:  # every COMMAND --help opens with what it does
+        command = sub.choices[action.dest]
+        command.description = command.description or f"{action.help[0].upper()}{action.help[1:]}."
     return p
+
+
+RESULT_COMMANDS = {"show", "unmask", "check", "keygen"}  # their output is the point: INFO lines would bury it
+
+
+def log_level(args: argparse.Namespace) -> str:
+    return args.log_level or ("WARNING" if args.command in RESULT_COMMANDS else "INFO")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    setup_logging(args.log_level)
+    setup_logging(log_level(args))
     if args.command == "keygen" and args.kms_key_id is None:
         try:
             print(generate_key(args.key_id).encode())
@@ -99,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _fail(message: str, code: int) -> int:
+    message = message.replace("python -m pipeline", invocation())  # a hint that works from this shell
     print(f"error: {message}", file=sys.stderr)
     return code
 
@@ -133,7 +146,7 @@ async def _run(settings: Settings, args: argparse.Namespace) -> int:
         if effective is not settings and settings.embedded_postgres:
             print(
                 f"Rows are in the embedded PostgreSQL ({settings.pipeline.state_dir / 'pg'}). "
-                "Look at them with: python -m pipeline show",
+                f"Look at them with: {invocation()} show",
                 file=sys.stderr,
             )
     return 0

@@ -133,25 +133,32 @@ def progress_bar(total: int, description: str = "sending") -> Iterator[Callable[
 
     with Progress(
         "{task.description}", BarColumn(), MofNCompleteColumn(), Rate(), TimeRemainingColumn(),
-        console=Console(stderr=True),
+        console=Console(stderr=True, soft_wrap=True),  # rich must not cut a long line inside a word
     ) as bar:
         task = bar.add_task(description, total=total)
         yield lambda n: bar.advance(task, n)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--count", type=int, required=True, help="messages to send")
-    p.add_argument("--rate", type=float, help="messages per second (default: as fast as the broker takes them)")
-    p.add_argument("--invalid-ratio", type=float, default=0.0, help="share of bodies that must be dead-lettered (0-1)")
-    p.add_argument("--duplicate-ratio", type=float, default=0.0,
-                   help="share of bodies that repeat a recent one verbatim: the same event sent twice (0-1)")
-    p.add_argument("--seed", type=int, default=0, help="same seed, same bodies")
-    p.add_argument("--concurrency", type=int, default=32, help="SendMessageBatch calls in flight (default 32)")
+    p.description = ("Fill the configured queue (sqs.queue_url) with takehome-shaped login events, as fast as the "
+                     "broker takes them or at a fixed rate; prints a JSON summary on stdout. The embedded broker "
+                     "lives only while `run` or `bench` runs, so this needs a configured queue.")
+    p.add_argument("--count", type=int, required=True, help="messages to send (required)")
+    p.add_argument("--rate", type=float, metavar="MSG_PER_S",
+                   help="messages per second on a fixed timetable (default: as fast as the broker takes them)")
+    p.add_argument("--invalid-ratio", type=float, default=0.0, metavar="X",
+                   help="share of bodies that must be dead-lettered, 0-1 (default: %(default)s)")
+    p.add_argument("--duplicate-ratio", type=float, default=0.0, metavar="Y",
+                   help="share of bodies that repeat a recent one verbatim: the same event sent twice, 0-1 "
+                        "(default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="same seed, same bodies (default: %(default)s)")
+    p.add_argument("--concurrency", type=int, default=32, help="SendMessageBatch calls in flight (default: %(default)s)")
 
 
 async def command(settings: Settings, args: argparse.Namespace) -> int:
     """``python -m pipeline loadgen``: a JSON summary on stdout, a progress bar on a terminal."""
     from .runner import PreflightError, _sqs_problem
+    from .console import invocation
 
     problems = [
         (args.count < 0, "--count must be >= 0"),
@@ -160,7 +167,7 @@ async def command(settings: Settings, args: argparse.Namespace) -> int:
         (not 0 <= args.duplicate_ratio <= 1, "--duplicate-ratio must be between 0 and 1"),
         (args.concurrency < 1, "--concurrency must be >= 1"),
         (settings.embedded_sqs, "loadgen needs a configured queue (PIPELINE_SQS__QUEUE_URL): the embedded broker "
-                                "lives in memory only while `run` or `bench` runs; `python -m pipeline bench` "
+                                f"lives in memory only while `run` or `bench` runs; `{invocation()} bench` "
                                 "starts its own broker and load"),
     ]
     for bad, message in problems:

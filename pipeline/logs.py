@@ -2,6 +2,11 @@
 
 Stages log reasons, rules, counts and message ids, never bodies or field values, so no raw
 ip or device_id can reach a log line.
+
+The level is ``--log-level``, or by default WARNING for commands whose output is the point
+(``show``, ``unmask``, ``check``, ``keygen``: INFO lines would bury it on a terminal) and INFO
+for the rest. The format stays JSON everywhere, a terminal included, so one parser reads every
+line; a live progress bar prints them through a console that never breaks a line itself.
 """
 
 from __future__ import annotations
@@ -41,3 +46,5 @@ def setup_logging(level: str = "INFO") -> None:
     root.setLevel(level)
     for noisy in ("botocore", "aiobotocore", "asyncio", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Audit records are not chatter: they are written whatever the level (`unmask` defaults to WARNING).
+    logging.getLogger("pipeline.audit").setLevel(logging.INFO)
