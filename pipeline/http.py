@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from typing import Any, AsyncIterator
 
 import orjson
@@ -46,6 +47,10 @@ class Readiness:
         out = {}
         if rt.source is not None and not rt.source.last_poll_ok:
             out["sqs"] = "the last receive from SQS failed"
+        refused = getattr(rt.acker, "refused", None)
+        if refused:
+            codes = ", ".join(f"{code}: {n}" for code, n in sorted(Counter(refused.values()).items()))
+            out["dlq"] = f"{len(refused)} message(s) could not be dead-lettered ({codes}); they stay on the source queue"
         if rt.sink is not None and not rt.sink.healthy:
             out["postgres"] = "the last database write failed; retrying"
         pg = await self._postgres()

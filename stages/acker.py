@@ -1,162 +1,130 @@
-"""Acknowledgements: delete what is committed, dead-letter what is rejected, keep leases.
+"""Acknowledgements: delete what is committed, dead-letter what is rejected, give back the rest.
 
-``Leases`` is the finalizer state: every received message holds a lease (its receipt
-handle) until it is deleted. The source waits for room under ``max_in_flight``; the
-acker frees leases; the heartbeat extends visibility of leases held too long; on a
-hard stop the runner releases the rest (visibility 0) so another consumer takes them
-at once instead of after the visibility timeout.
+The acker consumes typed outcomes from the transformer and the sink:
+
+- ``Committed``: the rows are in the table; delete the messages (``DeleteMessageBatch``).
+- ``DeadLetter``: the messages can never become rows; send them to the DLQ with the reason,
+  then delete them.
+- ``Redeliver``: not stored and not dead; drop the lease so the visibility timeout brings the
+  message back.
+
+Deletes and dead letters run on separate capacity. Deletes have ``concurrency`` slots of their
+own, so the acks of committed rows always flow; dead letters go through a few ordered lanes
+with bounded attempts. A dead letter that SQS refuses for good (too large for the DLQ, the DLQ
+gone, an invalid parameter) is never retried in a loop: the message is not deleted, its lease
+is dropped so it returns after its visibility timeout, and it is counted and logged with the
+SQS error code. ``refused`` keeps those message ids for ``/readyz`` and ``--until-empty``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
-import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, assert_never
 
-from botocore.exceptions import BotoCoreError, ClientError
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
+from tenacity import AsyncRetrying, retry_if_exception
 
-from pipeline.metrics import Stats
+from . import backoff, events
+from .message import DL_REASON, DL_RULE, DL_SOURCE_ID, DL_SOURCE_QUEUE, DL_SOURCE_SENT, origin
+from .sqs import RETRYABLE, Fault, chunks, classify, classify_entry, error_code, is_fifo, send_batches
+from .stats import Stats
+from .leases import Leases
 
-from .transform import origin
-
-__all__ = ["Leases", "Acker", "Heartbeat", "release", "send_batches"]
+__all__ = ["Acker", "Committed", "DeadLetter", "Redeliver", "Outcome", "ENTRY_ATTEMPTS", "DEAD_LETTER_ATTEMPTS"]
 
 log = logging.getLogger("pipeline.acker")
 
-RETRYABLE = (BotoCoreError, ClientError, OSError, asyncio.TimeoutError)
-_SEND_BATCH_BYTES = 200_000  # stay under SendMessageBatch's 256 KiB per request
+ENTRY_ATTEMPTS = 8  # delete entries failing for transient reasons are given up after this many calls
+DEAD_LETTER_ATTEMPTS = 6  # dead-letter sends likewise (about 10 s of backoff): the message then comes back
+DEAD_LETTER_LANES = 2  # concurrent dead-letter sends; a FIFO group always uses the same lane, in order
 
 
-# Per-entry failures that no retry can fix.
-PERMANENT_ENTRY_ERRORS = frozenset({"ReceiptHandleIsInvalid", "InvalidParameterValue", "MessageNotInflight", "InvalidIdFormat"})
-ENTRY_ATTEMPTS = 8  # entries failing for other reasons are given up after this many calls
+@dataclass(slots=True, frozen=True)
+class Committed:
+    """Messages whose rows are committed (inserted, or already there): delete them."""
+
+    msgs: list[dict]
 
 
-class RetryableSqsError(Exception):
-    """Some entries of a batch call failed for a reason worth retrying."""
+@dataclass(slots=True, frozen=True)
+class DeadLetter:
+    """Messages that can never become rows, each with its rule and reason: DLQ, then delete."""
+
+    entries: list[tuple[dict, str, str]]
 
 
-def _retrying(stats: Stats) -> AsyncRetrying:
-    def before_sleep(state: Any) -> None:
-        stats.errors["sqs"] += 1
-        exc = state.outcome.exception()
-        log.warning("sqs call failed, retrying", extra={"error": _describe(exc), "attempt": state.attempt_number})
+@dataclass(slots=True, frozen=True)
+class Redeliver:
+    """Messages to leave for redelivery: the lease is dropped, the visibility timeout brings them back."""
 
-    return AsyncRetrying(
-        retry=retry_if_exception_type(RETRYABLE + (RetryableSqsError,)),
-        wait=wait_exponential_jitter(multiplier=0.2, max=10, jitter=0.5),
-        before_sleep=before_sleep,
-        reraise=True,
-    )
+    msgs: list[dict]
 
 
-def _describe(exc: BaseException | None) -> str:
-    if isinstance(exc, ClientError):
-        err = exc.response.get("Error", {})
-        return f"{err.get('Code', 'ClientError')}: {err.get('Message', '')}"
-    return f"{type(exc).__name__}: {exc}"
+Outcome = Committed | DeadLetter | Redeliver
 
 
-def send_batches(items: list, body: Any, overhead: int = 1024) -> list[list]:
-    """Split ``items`` into ``SendMessageBatch`` calls: at most 10 entries and ~200 KB each.
-
-    ``body(item)`` is the message body; ``overhead`` covers its attributes. A body near the
-    256 KiB message limit travels alone.
-    """
-    out: list[list] = []
-    size = 0
-    for item in items:
-        n = len(body(item).encode()) + overhead
-        if not out or len(out[-1]) == 10 or size + n > _SEND_BATCH_BYTES:
-            out.append([])
-            size = 0
-        out[-1].append(item)
-        size += n
-    return out
+class _Retry(Exception):
+    """Some entries of a delete call failed for a reason worth retrying."""
 
 
-class Leases:
-    """Receipt handles held by this process, and the in-flight cap on them."""
-
-    def __init__(self, max_in_flight: int) -> None:
-        self.max_in_flight = max_in_flight
-        self.held: dict[str, float] = {}  # receipt handle -> monotonic time of receipt/extension
-        self._reserved = 0  # room promised to receive calls under way
-        self._room = asyncio.Event()
-        self._room.set()
-
-    def __len__(self) -> int:
-        return len(self.held)
-
-    async def reserve(self, n: int) -> None:
-        """Wait until ``n`` more messages fit under the cap, and promise them that room."""
-        while len(self.held) + self._reserved + n > self.max_in_flight:
-            self._room.clear()
-            await self._room.wait()
-        self._reserved += n
-
-    def unreserve(self, n: int) -> None:
-        self._reserved -= n
-        self._wake()
-
-    def _wake(self) -> None:
-        if len(self.held) + self._reserved < self.max_in_flight:
-            self._room.set()
-
-    def add(self, msgs: list[dict]) -> None:
-        now = time.monotonic()
-        held = self.held
-        for m in msgs:
-            held[m["ReceiptHandle"]] = now
-
-    def drop(self, handles: list[str]) -> None:
-        pop = self.held.pop
-        for h in handles:
-            pop(h, None)
-        self._wake()
+def _retry_delete(exc: BaseException) -> bool:
+    if isinstance(exc, _Retry):
+        return True
+    return isinstance(exc, RETRYABLE) and classify(exc) is Fault.TRANSIENT
 
 
 class Acker:
-    """Deletes committed messages in ``DeleteMessageBatch`` calls of up to 10, concurrently.
-
-    Inbox items are ``("ack", [msg, ...])`` from the sink, ``("dead", [(msg, rule, reason), ...])``
-    from the transformer and sink, and ``("retry", [msg, ...])`` from the sink for messages to
-    redeliver (their leases are dropped; the visibility timeout brings them back). Dead letters
-    are sent to the DLQ with their original body and a ``reason`` attribute, then deleted like
-    any committed message. Failed calls are retried with backoff; a receipt handle SQS calls
-    invalid is counted and dropped (the message comes back and is deduplicated by the sink).
-    """
+    """Deletes committed messages in batches of 10, concurrently; dead-letters rejects on lanes of their own."""
 
     def __init__(
         self, client: Any, queue_url: str, dlq_url: str, inbox: asyncio.Queue, leases: Leases,
-        stats: Stats, concurrency: int,
+        stats: Stats, concurrency: int, *, dead_letter_lanes: int = DEAD_LETTER_LANES,
+        dead_letter_attempts: int = DEAD_LETTER_ATTEMPTS,
     ) -> None:
         self.client, self.queue_url, self.dlq_url = client, queue_url, dlq_url
         self.inbox, self.leases, self.stats = inbox, leases, stats
+        self.fifo = is_fifo(queue_url)
+        self.dead_letter_attempts = dead_letter_attempts
+        self.refused: dict[str, str] = {}  # message id -> SQS error code of its last refused dead letter
         self._slots = asyncio.Semaphore(concurrency)
         self._tasks: set[asyncio.Task] = set()
+        self._lanes: list[asyncio.Queue] = [asyncio.Queue() for _ in range(max(1, dead_letter_lanes))]
+        self._turn = 0
 
     async def run(self) -> None:
-        while True:
-            item = await self.inbox.get()
-            if item is None:
-                break
-            kind, payload = item
-            if kind == "ack":
-                for i in range(0, len(payload), 10):
-                    await self._spawn(self._delete(payload[i : i + 10]))
-            elif kind == "retry":  # not stored, not dead: let the visibility timeout bring it back
-                self.leases.drop([m["ReceiptHandle"] for m in payload])
-            else:
-                await self._spawn(self._dead_letter(payload))
-        if self._tasks:
-            await asyncio.gather(*self._tasks)
+        lanes = [asyncio.create_task(self._lane(q), name=f"dead-letter-lane-{i}") for i, q in enumerate(self._lanes)]
+        try:
+            while True:
+                item: Outcome | None = await self.inbox.get()
+                match item:
+                    case None:
+                        break
+                    case Committed(msgs):
+                        for chunk in chunks(msgs):
+                            await self._spawn_delete(chunk)
+                    case DeadLetter(entries):
+                        self._route(entries)
+                    case Redeliver(msgs):
+                        self.leases.drop([m["ReceiptHandle"] for m in msgs])
+                    case _:
+                        assert_never(item)
+            for q in self._lanes:
+                q.put_nowait(None)
+            await asyncio.gather(*lanes)
+            if self._tasks:
+                await asyncio.gather(*self._tasks)
+        finally:
+            for t in lanes:
+                t.cancel()
 
-    async def _spawn(self, coro: Any) -> None:
+    # -- deletes ---------------------------------------------------------------------------
+
+    async def _spawn_delete(self, msgs: Any) -> None:
+        """Start a delete call once a slot is free; only deletes take these slots."""
         await self._slots.acquire()
-        task = asyncio.create_task(coro)
+        task = asyncio.create_task(self._delete(msgs))
         self._tasks.add(task)
         task.add_done_callback(self._done)
 
@@ -164,117 +132,138 @@ class Acker:
         self._tasks.discard(task)
         self._slots.release()
         if not task.cancelled() and task.exception() is not None:
-            log.error("acknowledgement task failed", extra={"error": _describe(task.exception())})
+            log.error("delete task failed", extra={"error": error_code(task.exception())})  # type: ignore[arg-type]
 
-    async def _delete(self, msgs: list[dict]) -> None:
+    def _on_delete_retry(self, state: Any) -> None:
+        exc = state.outcome.exception()
+        if not isinstance(exc, _Retry):
+            events.sqs_call_failed(self.stats, "DeleteMessageBatch", exc, Fault.TRANSIENT, attempt=state.attempt_number)
+
+    async def _delete(self, msgs: Any) -> None:
+        """Delete ``msgs``; transient failures are retried, permanent ones dropped (they come back, deduplicated)."""
         pending = {str(i): m["ReceiptHandle"] for i, m in enumerate(msgs)}
-        async for attempt in _retrying(self.stats):
-            with attempt:
-                resp = await self.client.delete_message_batch(
-                    QueueUrl=self.queue_url,
-                    Entries=[{"Id": i, "ReceiptHandle": h} for i, h in pending.items()],
-                )
-                done = [pending.pop(e["Id"]) for e in resp.get("Successful", ())]
-                self.stats.acked += len(done)
-                self.leases.drop(done)
-                failed = resp.get("Failed", ())
-                if failed:
-                    self.stats.ack_failures += len(failed)
+        try:
+            async for attempt in AsyncRetrying(retry=retry_if_exception(_retry_delete), wait=backoff.wait,
+                                               before_sleep=self._on_delete_retry, reraise=True):
+                with attempt:
+                    resp = await self.client.delete_message_batch(
+                        QueueUrl=self.queue_url,
+                        Entries=[{"Id": i, "ReceiptHandle": h} for i, h in pending.items()],
+                    )
+                    done = [pending.pop(e["Id"]) for e in resp.get("Successful", ())]
+                    self.stats.acked += len(done)
+                    self.leases.drop(done)
                     last_try = attempt.retry_state.attempt_number >= ENTRY_ATTEMPTS
-                    for f in failed:
-                        if last_try or f.get("SenderFault") or f.get("Code") in PERMANENT_ENTRY_ERRORS:
-                            # The message stays on the queue, comes back, and the sink deduplicates it.
-                            log.warning("delete failed for good", extra={"error": f.get("Code")})
+                    for f in resp.get("Failed", ()):
+                        if last_try or classify_entry(f) is Fault.PERMANENT:
+                            events.delete_failed_for_good(self.stats, str(f.get("Code")))
                             self.leases.drop([pending.pop(f["Id"])])
+                        else:
+                            self.stats.ack_failures += 1
                     if pending:
-                        raise RetryableSqsError(f"{len(pending)} deletes failed")
+                        raise _Retry(f"{len(pending)} deletes failed")
+        except RETRYABLE as exc:  # permanent: the queue is gone or the request refused
+            events.sqs_call_failed(self.stats, "DeleteMessageBatch", exc, Fault.PERMANENT)
+            self.leases.drop(list(pending.values()))
 
-    async def _dead_letter(self, dead: list[tuple[dict, str, str]]) -> None:
-        for chunk in send_batches(dead, lambda d: d[0]["Body"]):
-            await self._send_dead(chunk)
+    # -- dead letters ------------------------------------------------------------------------
+
+    def _route(self, entries: list[tuple[dict, str, str]]) -> None:
+        """Hand dead letters to a lane: a FIFO group always to the same one, so its order holds."""
+        if not self.fifo:
+            self._lanes[self._turn % len(self._lanes)].put_nowait(entries)
+            self._turn += 1
+            return
+        by_lane: dict[int, list] = {}
+        for d in entries:
+            group = (d[0].get("Attributes") or {}).get("MessageGroupId", "")
+            by_lane.setdefault(hash(group) % len(self._lanes), []).append(d)
+        for lane, part in by_lane.items():
+            self._lanes[lane].put_nowait(part)
+
+    async def _lane(self, q: asyncio.Queue) -> None:
+        while (entries := await q.get()) is not None:
+            for chunk in send_batches(entries, lambda d: d[0]["Body"]):
+                await self._send_dead(chunk)
 
     def _dead_attributes(self, msg: dict, rule: str, reason: str) -> dict:
-        """Why, and which event: ``redrive`` turns the source id and time back into the row's identity."""
+        """Why, and which event: ``redrive`` turns the source id and time back into the row's identity.
+
+        ``origin(msg)`` is safe here: the transformer has stripped origin attributes that do not authenticate.
+        """
         mid, sent = origin(msg)
         return {
-            "reason": {"DataType": "String", "StringValue": reason},
-            "rule": {"DataType": "String", "StringValue": rule},
-            "source_message_id": {"DataType": "String", "StringValue": mid},
-            "source_sent_timestamp": {"DataType": "Number", "StringValue": str(sent)},
-            "source_queue": {"DataType": "String", "StringValue": self.queue_url},
+            DL_REASON: {"DataType": "String", "StringValue": reason},
+            DL_RULE: {"DataType": "String", "StringValue": rule},
+            DL_SOURCE_ID: {"DataType": "String", "StringValue": mid},
+            DL_SOURCE_SENT: {"DataType": "Number", "StringValue": str(sent)},
+            DL_SOURCE_QUEUE: {"DataType": "String", "StringValue": self.queue_url},
         }
+
+    def _dead_entry(self, i: int, msg: dict, rule: str, reason: str) -> dict:
+        entry = {"Id": str(i), "MessageBody": msg["Body"], "MessageAttributes": self._dead_attributes(msg, rule, reason)}
+        if self.fifo:  # keep the group, so the DLQ holds a group's dead letters in their order
+            entry["MessageGroupId"] = (msg.get("Attributes") or {}).get("MessageGroupId") or "dead-letters"
+            # One dead letter per event: a resend after a crash is dropped by the DLQ's deduplication.
+            entry["MessageDeduplicationId"] = hashlib.sha256(origin(msg)[0].encode()).hexdigest()
+        return entry
 
     async def _send_dead(self, chunk: list[tuple[dict, str, str]]) -> None:
-        pending = {
-            str(i): {"Id": str(i), "MessageBody": msg["Body"], "MessageAttributes": self._dead_attributes(msg, rule, reason)}
-            for i, (msg, rule, reason) in enumerate(chunk)
-        }
-        async for attempt in _retrying(self.stats):
-            with attempt:
-                resp = await self.client.send_message_batch(QueueUrl=self.dlq_url, Entries=list(pending.values()))
-                for ok in resp.get("Successful", ()):
-                    pending.pop(ok["Id"], None)
-                if pending:
-                    raise RetryableSqsError(f"{len(pending)} dead letters not sent")
-        for _, rule, reason in chunk:
-            self.stats.rejected_by_rule[rule] += 1
-            log.info("dead-lettered", extra={"rule": rule, "reason": reason})
-        self.stats.rejected += len(chunk)
-        msgs = [m for m, _, _ in chunk]
-        for i in range(0, len(msgs), 10):
-            await self._delete(msgs[i : i + 10])
+        """Send ``chunk`` to the DLQ with bounded attempts; delete what was sent, give back the rest."""
+        pending = {str(i): d for i, d in enumerate(chunk)}
+        entries = {i: self._dead_entry(int(i), *d) for i, d in pending.items()}
+        attempt = 0
+        while pending:
+            attempt += 1
+            try:
+                resp = await self.client.send_message_batch(QueueUrl=self.dlq_url, Entries=[entries[i] for i in pending])
+            except RETRYABLE as exc:
+                fault = classify(exc)
+                events.sqs_call_failed(self.stats, "SendMessageBatch", exc, fault, queue="dlq", attempt=attempt)
+                match fault:
+                    case Fault.PERMANENT:
+                        self._refuse(list(pending.values()), error_code(exc))
+                        return
+                    case Fault.TRANSIENT:
+                        if attempt >= self.dead_letter_attempts:
+                            self._give_back(list(pending.values()), exc)
+                            return
+                await asyncio.sleep(backoff.delay(attempt))
+                continue
+            sent = [pending.pop(ok["Id"]) for ok in resp.get("Successful", ()) if ok["Id"] in pending]
+            if sent:
+                await self._dead_lettered(sent)
+            transient_code = ""
+            for f in resp.get("Failed", ()):
+                d = pending.get(f["Id"])
+                if d is None:
+                    continue
+                match classify_entry(f):
+                    case Fault.PERMANENT:
+                        del pending[f["Id"]]
+                        self._refuse([d], str(f.get("Code")))
+                    case Fault.TRANSIENT:
+                        transient_code = str(f.get("Code"))
+            if pending:
+                if attempt >= self.dead_letter_attempts:
+                    self._give_back(list(pending.values()), transient_code or "unknown")
+                    return
+                await asyncio.sleep(backoff.delay(attempt))
 
+    async def _dead_lettered(self, sent: list[tuple[dict, str, str]]) -> None:
+        for msg, rule, reason in sent:
+            self.refused.pop(msg["MessageId"], None)
+            events.dead_lettered(self.stats, rule, reason, msg["MessageId"])
+        msgs = [m for m, _, _ in sent]
+        for chunk in chunks(msgs):
+            await self._spawn_delete(chunk)
 
-class Heartbeat:
-    """Extends the visibility of leases held longer than half the visibility timeout.
+    def _refuse(self, dead: list[tuple[dict, str, str]], code: str) -> None:
+        for msg, rule, _ in dead:
+            self.refused[msg["MessageId"]] = code
+            events.dead_letter_refused(self.stats, code, rule, msg["MessageId"], fifo=self.fifo)
+        self.leases.drop([m["ReceiptHandle"] for m, _, _ in dead])
 
-    Without it, a batch stuck behind a slow database would reappear on the queue and be
-    received again; the sink would deduplicate it, but the work is wasted.
-    """
-
-    def __init__(self, client: Any, queue_url: str, leases: Leases, stats: Stats, visibility_timeout: int) -> None:
-        self.client, self.queue_url, self.leases, self.stats = client, queue_url, leases, stats
-        self.timeout = visibility_timeout
-
-    async def run(self) -> None:
-        if self.timeout <= 0:
-            return
-        period = max(1.0, self.timeout / 4)
-        while True:
-            await asyncio.sleep(period)
-            cutoff = time.monotonic() - self.timeout / 2
-            stale = [h for h, t in self.leases.held.items() if t < cutoff]
-            for i in range(0, len(stale), 10):
-                chunk = stale[i : i + 10]
-                try:
-                    resp = await self.client.change_message_visibility_batch(
-                        QueueUrl=self.queue_url,
-                        Entries=[{"Id": str(j), "ReceiptHandle": h, "VisibilityTimeout": self.timeout} for j, h in enumerate(chunk)],
-                    )
-                except RETRYABLE as exc:
-                    self.stats.errors["sqs"] += 1
-                    log.warning("visibility extension failed", extra={"error": _describe(exc)})
-                    break
-                now = time.monotonic()
-                held = self.leases.held
-                for ok in resp.get("Successful", ()):
-                    h = chunk[int(ok["Id"])]
-                    if h in held:
-                        held[h] = now
-                        self.stats.extended += 1
-
-
-async def release(client: Any, queue_url: str, leases: Leases, stats: Stats) -> None:
-    """Make every held message visible again now, so another consumer can take it."""
-    handles = list(leases.held)
-    for i in range(0, len(handles), 10):
-        chunk = handles[i : i + 10]
-        try:
-            await client.change_message_visibility_batch(
-                QueueUrl=queue_url,
-                Entries=[{"Id": str(j), "ReceiptHandle": h, "VisibilityTimeout": 0} for j, h in enumerate(chunk)],
-            )
-            stats.released += len(chunk)
-        except RETRYABLE as exc:  # they reappear after the visibility timeout anyway
-            log.warning("release failed", extra={"error": _describe(exc)})
-    leases.drop(handles)
+    def _give_back(self, dead: list[tuple[dict, str, str]], exc_or_code: BaseException | str) -> None:
+        events.dead_letters_given_up(self.stats, len(dead), exc_or_code)
+        self.leases.drop([m["ReceiptHandle"] for m, _, _ in dead])

@@ -21,10 +21,11 @@ import logging
 from typing import Any
 
 import asyncpg
-from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
+from tenacity import AsyncRetrying, retry_if_exception
 
-from pipeline.metrics import Stats
-
+from . import backoff
+from .acker import Committed, DeadLetter, Redeliver
+from .stats import Stats
 from .transform import COLUMNS
 
 __all__ = ["CopySink", "STAGE_TABLE", "create_stage_table"]
@@ -141,7 +142,7 @@ class CopySink:
         """Commit ``rows`` (retrying transient errors forever), then pass ``msgs`` on."""
         async for attempt in AsyncRetrying(
             retry=retry_if_exception(_is_transient),
-            wait=wait_exponential_jitter(multiplier=0.2, max=10, jitter=0.5),
+            wait=backoff.wait,
             before_sleep=self._on_retry,
             reraise=True,
         ):
@@ -158,11 +159,11 @@ class CopySink:
             msgs = [m for m in msgs if id(m) not in out_ids]
         if later:
             self.stats.errors["postgres"] += len(later)
-            await self.acker.put(("retry", later))
+            await self.acker.put(Redeliver(later))
         if bad:
-            await self.acker.put(("dead", bad))
+            await self.acker.put(DeadLetter(bad))
         if msgs:
-            await self.acker.put(("ack", msgs))
+            await self.acker.put(Committed(msgs))
 
     def _on_retry(self, state: Any) -> None:
         self.healthy = False

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from typing import Any
 
-from pipeline.metrics import Stats
-
-from .acker import RETRYABLE, Leases, _describe
-from .transform import ORIGIN_ATTRIBUTES
+from . import backoff, events
+from .leases import Leases
+from .message import ORIGIN_ATTRIBUTES
+from .sqs import RETRYABLE, classify
+from .stats import Stats
 
 __all__ = ["SqsSource"]
 
@@ -34,7 +34,8 @@ class SqsSource:
             "QueueUrl": queue_url,
             "MaxNumberOfMessages": 10,
             "WaitTimeSeconds": wait_time_seconds,
-            "MessageSystemAttributeNames": ["SentTimestamp", "ApproximateReceiveCount"],
+            # MessageGroupId: a FIFO message's dead letter keeps its group (absent on standard queues).
+            "MessageSystemAttributeNames": ["SentTimestamp", "ApproximateReceiveCount", "MessageGroupId"],
             "MessageAttributeNames": list(ORIGIN_ATTRIBUTES),  # set only on redriven messages
         }
         if visibility_timeout:
@@ -75,26 +76,26 @@ class SqsSource:
     async def _poll(self, n: int) -> None:
         receive, request, leases, put = self.client.receive_message, self._request, self.leases, self.outbox.put
         polling = self._polling
-        backoff = 0.0
+        failures = 0
         while not self._stopping:
             await leases.reserve(10)
             polling.add(n)
             try:
                 resp = await receive(**request)
-            except RETRYABLE as exc:
+            except RETRYABLE as exc:  # even a permanent error (queue deleted) may heal: keep polling, backed off
                 leases.unreserve(10)
                 polling.discard(n)
-                self.stats.errors["sqs"] += 1
                 self.last_poll_ok = False
-                backoff = min(max(backoff * 2, 0.2), 10.0)
-                log.warning("receive failed, backing off", extra={"error": _describe(exc), "receiver": n, "sleep_s": round(backoff, 2)})
-                await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
+                failures += 1
+                sleep = backoff.delay(failures)
+                events.sqs_call_failed(self.stats, "ReceiveMessage", exc, classify(exc), receiver=n, sleep_s=round(sleep, 2))
+                await asyncio.sleep(sleep)
                 continue
             except BaseException:
                 leases.unreserve(10)
                 raise
             leases.unreserve(10)
-            backoff = 0.0
+            failures = 0
             self.last_poll_ok = True
             msgs = resp.get("Messages")
             if msgs:

@@ -5,6 +5,7 @@ Services start lazily: a test run that never asks for ``localstack`` or ``postgr
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import tempfile
@@ -45,9 +46,24 @@ def aws_env() -> Iterator[None]:
         yield
 
 
+@dataclass(frozen=True)
+class RunningSqs:
+    """An SQS-compatible endpoint that is already running (``PIPELINE_TEST_SQS_ENDPOINT``)."""
+
+    endpoint: str
+
+
 @pytest.fixture(scope="session")
-def localstack() -> Iterator[LocalStack]:
-    """One LocalStack per session (~1-2 s warm; ~1 min on the first run, which installs its venv)."""
+def localstack() -> Iterator[LocalStack | RunningSqs]:
+    """One LocalStack per session (~1-2 s warm; ~1 min on the first run, which installs its venv).
+
+    ``PIPELINE_TEST_SQS_ENDPOINT`` reuses a running LocalStack (the compose stack, or one shared by
+    several test runs), the way asyncpg's test base reuses ``PGHOST``; nothing is installed then.
+    """
+    running = os.environ.get("PIPELINE_TEST_SQS_ENDPOINT")
+    if running:
+        yield RunningSqs(running.rstrip("/"))
+        return
     patch_venv(_ensure_localstack_venv(CACHE_DIR.resolve() / "localstack-venv"))  # KMS on Python 3.11
     ls = LocalStack.start(CACHE_DIR)
     try:

@@ -12,7 +12,7 @@ from typing import Any
 import asyncpg
 
 from pipeline.settings import Settings
-from stages.acker import send_batches
+from stages.sqs import send_batches
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,6 +10,7 @@ import pytest
 from pipeline.metrics import Stats
 from pipeline.schema import migrate
 from stages.masking import Masker, generate_key
+from stages.acker import Committed, DeadLetter, Redeliver
 from stages.sink import CopySink, create_stage_table
 from stages.transform import to_row
 from pipeline.sample import sample_bodies
@@ -48,7 +49,13 @@ def acked(acks: asyncio.Queue) -> tuple[list[dict], list[tuple]]:
         item = acks.get_nowait()
         if item is None:
             continue
-        (ok if item[0] == "ack" else dead).extend(item[1])
+        match item:
+            case Committed(msgs):
+                ok.extend(msgs)
+            case DeadLetter(entries):
+                dead.extend(entries)
+            case Redeliver(msgs):
+                dead.extend(msgs)
     return ok, dead
 
 

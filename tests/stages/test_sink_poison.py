@@ -10,6 +10,7 @@ from pipeline.metrics import Stats
 from pipeline.schema import migrate
 from pipeline.sample import sample_bodies
 from stages.masking import Masker, generate_key
+from stages.acker import Committed, DeadLetter, Redeliver
 from stages.sink import CopySink, create_stage_table
 from stages.transform import to_row
 
@@ -32,8 +33,9 @@ async def test_row_the_driver_cannot_encode_is_left_for_redelivery(pg_dsn: str) 
         await asyncio.wait_for(sink.flush(rows, msgs), 60)
         out = {}
         while not acks.empty():
-            kind, payload = acks.get_nowait()
-            out[kind] = payload
+            item = acks.get_nowait()
+            kind = {Committed: "ack", DeadLetter: "dead", Redeliver: "retry"}[type(item)]
+            out[kind] = item.entries if isinstance(item, DeadLetter) else item.msgs
         assert [m["MessageId"] for m in out["retry"]] == ["m-17"] and "dead" not in out
         assert len(out["ack"]) == 39 and stats.inserted == 39 and stats.duplicates == 0
         assert sink.healthy

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
-from pipeline.metrics import Stats
+from stages.stats import Stats
 from pipeline.runner import sqs_client
-from stages.acker import Acker, Leases, release
+from stages.acker import Acker, Committed, DeadLetter
+from stages.leases import Leases, release
 from stages.source import SqsSource
 from tests.helpers import drain, make_settings, queue_counts, send_bodies
 
@@ -28,7 +29,7 @@ async def test_source_respects_in_flight_cap_and_acker_deletes(queues) -> None: 
         while stats.acked < 45:
             batch = await asyncio.wait_for(out.get(), 10)
             assert all("SentTimestamp" in m["Attributes"] and "ApproximateReceiveCount" in m["Attributes"] for m in batch)
-            await acks.put(("ack", batch))
+            await acks.put(Committed(batch))
             await asyncio.sleep(0.05)
         task.cancel()
         await acks.put(None)
@@ -50,7 +51,7 @@ async def test_dead_letters_carry_reason_and_leave_the_source(queues) -> None:  
         while len(msgs) < 2:
             msgs += await asyncio.wait_for(out.get(), 10)
         task.cancel()
-        await acks.put(("dead", [(m, "body.json", "body: not valid JSON") for m in msgs]))
+        await acks.put(DeadLetter([(m, "body.json", "body: not valid JSON") for m in msgs]))
         await acks.put(None)
         await Acker(client, queues.queue_url, queues.dlq_url, acks, leases, stats, 2).run()
     dead = drain(queues.client, queues.dlq_url)
@@ -63,7 +64,7 @@ async def test_invalid_receipt_handle_is_counted_not_fatal(queues) -> None:  # t
     settings = make_settings(queues, "postgresql://unused", "k:x")
     stats, leases = Stats(), Leases(100)
     acks: asyncio.Queue = asyncio.Queue()
-    await acks.put(("ack", [{"ReceiptHandle": "bogus", "MessageId": "x"}]))
+    await acks.put(Committed([{"ReceiptHandle": "bogus", "MessageId": "x"}]))
     await acks.put(None)
     async with sqs_client(settings) as client:
         await asyncio.wait_for(Acker(client, queues.queue_url, queues.dlq_url, acks, leases, stats, 1).run(), 30)

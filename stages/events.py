@@ -1,0 +1,56 @@
+"""Internal events: each one bumps its counter and writes its log line, in one call.
+
+Counters and logs written separately drift apart (a path that logs but forgets to count, or
+the reverse); here they cannot. Log fields carry codes, rules, reasons and message ids, never
+a body, an ip or a device id.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .sqs import Fault, describe, error_code
+from .stats import Stats
+
+__all__ = [
+    "sqs_call_failed", "dead_lettered", "dead_letter_refused", "dead_letters_given_up", "delete_failed_for_good",
+]
+
+_sqs = logging.getLogger("pipeline.sqs")
+_acker = logging.getLogger("pipeline.acker")
+
+
+def sqs_call_failed(stats: Stats, op: str, exc: BaseException, fault: Fault, **extra: object) -> None:
+    """A call to SQS failed; ``fault`` says whether it will be retried."""
+    stats.errors["sqs"] += 1
+    _sqs.warning("sqs call failed", extra={"op": op, "error": describe(exc), "fault": fault.value, **extra})
+
+
+def dead_lettered(stats: Stats, rule: str, reason: str, message_id: str) -> None:
+    stats.rejected += 1
+    stats.rejected_by_rule[rule] += 1
+    _acker.info("dead-lettered", extra={"rule": rule, "reason": reason, "message_id": message_id})
+
+
+def dead_letter_refused(stats: Stats, code: str, rule: str, message_id: str, *, fifo: bool) -> None:
+    """SQS refused a dead letter for good: it stays on the source queue and comes back after its timeout."""
+    stats.dead_letters_refused[code] += 1
+    extra = {"error_code": code, "rule": rule, "message_id": message_id}
+    if fifo:
+        extra["fifo"] = "later messages of its group may already be stored: order within the group is broken here"
+    _acker.error("dead letter refused by SQS; the message stays on the source queue", extra=extra)
+
+
+def dead_letters_given_up(stats: Stats, n: int, exc_or_code: BaseException | str) -> None:
+    """Transient DLQ failures outlasted their attempts: the messages come back after their timeout."""
+    stats.dead_letter_retries_exhausted += n
+    code = exc_or_code if isinstance(exc_or_code, str) else error_code(exc_or_code)
+    _acker.warning("dead letters not sent after retries; they return to the source queue",
+                   extra={"messages": n, "error_code": code})
+
+
+def delete_failed_for_good(stats: Stats, code: str) -> None:
+    """A delete entry failed for good; the message comes back and the sink deduplicates it."""
+    stats.ack_failures += 1
+    _acker.warning("delete failed for good", extra={"error": code})
+

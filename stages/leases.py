@@ -1,0 +1,124 @@
+"""Leases: the receipt handles this process holds, and the in-flight cap on them.
+
+Every received message holds a lease until it is deleted, dead-lettered or given back. The
+source waits for room under ``max_in_flight`` before it polls; the acker frees leases; the
+heartbeat extends the visibility of leases held too long; on a hard stop the runner releases
+the rest (visibility 0) so another consumer takes them at once instead of after the timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from .sqs import RETRYABLE, chunks, describe
+from .stats import Stats
+
+__all__ = ["Leases", "Heartbeat", "release", "set_visibility"]
+
+log = logging.getLogger("pipeline.acker")
+
+
+class Leases:
+    """Receipt handles held by this process, and the in-flight cap on them."""
+
+    def __init__(self, max_in_flight: int) -> None:
+        self.max_in_flight = max_in_flight
+        self.held: dict[str, float] = {}  # receipt handle -> monotonic time of receipt/extension
+        self._reserved = 0  # room promised to receive calls under way
+        self._room = asyncio.Event()
+        self._room.set()
+
+    def __len__(self) -> int:
+        return len(self.held)
+
+    async def reserve(self, n: int) -> None:
+        """Wait until ``n`` more messages fit under the cap, and promise them that room."""
+        while len(self.held) + self._reserved + n > self.max_in_flight:
+            self._room.clear()
+            await self._room.wait()
+        self._reserved += n
+
+    def unreserve(self, n: int) -> None:
+        self._reserved -= n
+        self._wake()
+
+    def _wake(self) -> None:
+        if len(self.held) + self._reserved < self.max_in_flight:
+            self._room.set()
+
+    def add(self, msgs: list[dict]) -> None:
+        now = time.monotonic()
+        held = self.held
+        for m in msgs:
+            held[m["ReceiptHandle"]] = now
+
+    def drop(self, handles: list[str]) -> None:
+        pop = self.held.pop
+        for h in handles:
+            pop(h, None)
+        self._wake()
+
+
+async def set_visibility(client: Any, queue_url: str, handles: list[str], seconds: int) -> list[str]:
+    """``ChangeMessageVisibilityBatch`` over ``handles`` in tens; return the handles that succeeded.
+
+    A failed call is logged and skipped: whatever it concerned reappears after its timeout anyway.
+    """
+    done: list[str] = []
+    for chunk in chunks(handles):
+        try:
+            resp = await client.change_message_visibility_batch(
+                QueueUrl=queue_url,
+                Entries=[{"Id": str(j), "ReceiptHandle": h, "VisibilityTimeout": seconds} for j, h in enumerate(chunk)],
+            )
+        except RETRYABLE as exc:
+            log.warning("visibility change failed", extra={"error": describe(exc), "visibility_s": seconds})
+            return done
+        done += [chunk[int(ok["Id"])] for ok in resp.get("Successful", ())]
+    return done
+
+
+class Heartbeat:
+    """Extends the visibility of leases held longer than half the visibility timeout.
+
+    Without it, a batch stuck behind a slow database would reappear on the queue and be
+    received again; the sink would deduplicate it, but the work is wasted.
+    """
+
+    def __init__(self, client: Any, queue_url: str, leases: Leases, stats: Stats, visibility_timeout: int) -> None:
+        self.client, self.queue_url, self.leases, self.stats = client, queue_url, leases, stats
+        self.timeout = visibility_timeout
+
+    async def run(self) -> None:
+        if self.timeout <= 0:
+            return
+        period = max(1.0, self.timeout / 4)
+        while True:
+            await asyncio.sleep(period)
+            await self.beat()
+
+    async def beat(self) -> None:
+        """One round: extend every lease older than half the timeout."""
+        cutoff = time.monotonic() - self.timeout / 2
+        stale = [h for h, t in self.leases.held.items() if t < cutoff]
+        if not stale:
+            return
+        extended = await set_visibility(self.client, self.queue_url, stale, self.timeout)
+        if len(extended) < len(stale):
+            self.stats.errors["sqs"] += 1
+        now = time.monotonic()
+        held = self.leases.held
+        for h in extended:
+            if h in held:
+                held[h] = now
+                self.stats.extended += 1
+
+
+async def release(client: Any, queue_url: str, leases: Leases, stats: Stats) -> None:
+    """Make every held message visible again now, so another consumer can take it."""
+    handles = list(leases.held)
+    stats.released += len(await set_visibility(client, queue_url, handles, 0))
+    leases.drop(handles)
