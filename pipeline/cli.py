@@ -58,7 +58,11 @@ def _parser() -> argparse.ArgumentParser:
     u = sub.add_parser("unmask", help="print the originals of masked values (audited), with any key of the ring")
     u.add_argument("values", nargs="*", metavar="VALUE", help="masked values; '-' or none: one per line on stdin")
     u.add_argument("--query", metavar="SQL",
-                   help="run this SELECT (read-only) and print its rows as JSON lines, every token unmasked")
+                   help="print the rows of 'SELECT <columns>|* FROM <table> [WHERE …] [ORDER BY …] [LIMIT n]' as JSON "
+                        "lines, every token unmasked (that form only: literals, no functions; see README)")
+    u.add_argument("--where", metavar="COND", help="the same, as a condition on the table: \"user_id = '…'\"")
+    u.add_argument("--columns", metavar="COLS", help="with --where: comma-separated columns to print (default: all)")
+    u.add_argument("--limit", type=int, metavar="N", help="with --where: print at most N rows")
     rk = sub.add_parser("rekey", help="re-mask rows written under older keys with the active key (batched, resumable)")
     rk.add_argument("--batch-size", type=int, default=1000, help="rows per transaction (default 1000)")
     rk.add_argument("--max-batches", type=int, help="stop after this many batches (a rerun continues)")

@@ -23,14 +23,16 @@ from typing import Any
 import argparse
 import sys
 
-import asyncpg
 import orjson
 
 from stages.masking import KeyError_, Masker
 
+from .recovery_query import Query, QueryRefused, parse_columns, parse_query, parse_where
+from .recovery_read import QueryError, read_rows
 from .settings import Settings
 
-__all__ = ["TOKEN", "looks_like_token", "Refused", "AuditError", "unmask_all", "unmask_rows", "audit", "unmask_command"]
+__all__ = ["TOKEN", "looks_like_token", "Refused", "AuditError", "QueryError", "unmask_all", "unmask_rows", "audit",
+           "unmask_command"]
 
 audit_log = logging.getLogger("pipeline.audit")
 
@@ -44,16 +46,17 @@ def looks_like_token(value: Any) -> bool:
 
 
 class Refused(KeyError_):
-    """A value needs a key the ring does not hold, or is not a masked value."""
+    """Nothing is revealed: a value needs a missing key, is no token, is forged, or the query is refused.
 
-    def __init__(self, message: str, missing_key_id: str | None = None, key_ids: Counter[str] | None = None) -> None:
+    ``reason`` is what the audit record says: words, never a value, a token or the query text.
+    """
+
+    def __init__(self, message: str, missing_key_id: str | None = None, key_ids: Counter[str] | None = None,
+                 reason: str | None = None) -> None:
         super().__init__(message)
         self.missing_key_id = missing_key_id
         self.key_ids = key_ids
-
-
-class QueryError(RuntimeError):
-    """``--query`` failed in PostgreSQL (shown to the operator; only its type is audited)."""
+        self.reason = reason or message
 
 
 class AuditError(RuntimeError):
@@ -71,13 +74,29 @@ def _check(masker: Masker, tokens: Iterable[str]) -> Counter[str]:
     return ids
 
 
+def _reveal(masker: Masker, token: str, where: str) -> str:
+    """``token``'s original; a forged, corrupt or non-canonical token is refused, naming its position."""
+    try:
+        return masker.unmask(token)
+    except KeyError_:
+        key_id = Masker.key_id_of(token)
+        raise Refused(f"{where} does not decrypt under key {key_id!r} (corrupt or forged)",
+                      reason=f"{where}: corrupt or forged token") from None
+
+
 def unmask_all(masker: Masker, values: list[str]) -> tuple[list[str], Counter[str]]:
-    """Originals of ``values`` (all or nothing) and the key ids they used."""
+    """Originals of ``values`` (all or nothing) and the key ids they used.
+
+    A value that names a key of the ring goes to ``Masker.unmask`` whatever follows, so a second
+    spelling of a token (padding, whitespace, another alphabet) gets the forgery error, not a gentler one.
+    """
+    ring = set(masker.key_ids)
     for i, v in enumerate(values, 1):
-        if not looks_like_token(v):
-            raise Refused(f"value #{i} is not a masked value (expected '<key id>.<base64>')")
+        if not (looks_like_token(v) or Masker.key_id_of(v) in ring and "." in v):
+            raise Refused(f"value #{i} is not a masked value (expected '<key id>.<base64>')",
+                          reason=f"value #{i}: not a masked value")
     ids = _check(masker, values)
-    return [masker.unmask(v) for v in values], ids
+    return [_reveal(masker, v, f"value #{i}") for i, v in enumerate(values, 1)], ids
 
 
 def unmask_rows(masker: Masker, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], Counter[str], int]:
@@ -87,7 +106,8 @@ def unmask_rows(masker: Masker, rows: list[dict[str, Any]]) -> tuple[list[dict[s
     """
     tokens = [v for r in rows for v in r.values() if looks_like_token(v)]
     ids = _check(masker, tokens)
-    out = [{k: masker.unmask(v) if looks_like_token(v) else v for k, v in r.items()} for r in rows]
+    out = [{k: _reveal(masker, v, f"row #{n} {k}") if looks_like_token(v) else v for k, v in r.items()}
+           for n, r in enumerate(rows, 1)]
     return out, ids, len(tokens)
 
 
@@ -136,26 +156,41 @@ def _user() -> str:
 
 
 async def unmask_command(settings: Settings, args: argparse.Namespace) -> int:
-    """``unmask VALUE…`` / ``unmask [-]`` (stdin) / ``unmask --query SQL``: audited, all or nothing."""
+    """``unmask VALUE…`` / ``unmask [-]`` (stdin) / ``unmask --query SQL`` / ``unmask --where COND``: audited, all or nothing."""
     from .keyring import with_local_key
     from .runner import masker_for
 
     values: list[str] = list(args.values)
-    mode = "query" if args.query else ("stdin" if values in ([], ["-"]) else "args")
-    extra: dict[str, Any] = {"query_sha256": query_fingerprint(args.query)} if args.query else {}
+    where, columns, limit = getattr(args, "where", None), getattr(args, "columns", None), getattr(args, "limit", None)
+    structured = where is not None or columns is not None or limit is not None
+    if args.query is not None:
+        mode, asked = "query", args.query
+    elif structured:
+        mode, asked = "where", where or ""
+    else:
+        mode, asked = ("stdin" if values in ([], ["-"]) else "args"), None
+    extra: dict[str, Any] = {"query_sha256": query_fingerprint(asked)} if asked is not None else {}
     ids: Counter[str] | None = None
     count = 0
     try:
-        if mode == "query":
+        if asked is not None:
+            option = "--query" if mode == "query" else "--where/--columns/--limit"
             if values:
-                raise Refused("--query takes no VALUE arguments")
-            records, masker = await _query(settings, args.query)
+                raise Refused(f"{option} takes no VALUE arguments", reason=f"{option} with VALUE arguments")
+            if mode == "query" and structured:
+                raise Refused("use either --query or --where/--columns/--limit, not both", reason="--query with --where")
+            try:
+                plan = (parse_query(args.query, settings.postgres.table) if mode == "query"
+                        else _where_plan(settings, where, columns, limit))  # refused before any connection
+                records, masker = await read_rows(settings, plan)
+            except QueryRefused as exc:
+                raise Refused(f"{option} refused: {exc.reason}", reason=f"query refused: {exc.reason}") from None
             rows, ids, count = unmask_rows(masker, [dict(r) for r in records])
             extra["rows"] = len(rows)
             lines = [orjson.dumps(r, default=str).decode() for r in rows]
         else:
-            if mode == "stdin":
-                values = [line.strip() for line in sys.stdin if line.strip()]
+            if mode == "stdin":  # a line is one value; only its line ending is not part of it
+                values = [v for v in (line.rstrip("\r\n") for line in sys.stdin) if v]
             count = len(values)
             masker = await masker_for(with_local_key(settings))
             lines, ids = unmask_all(masker, values)
@@ -164,8 +199,12 @@ async def unmask_command(settings: Settings, args: argparse.Namespace) -> int:
             if exc.key_ids:
                 ids, count = exc.key_ids, max(count, sum(exc.key_ids.values()))
             extra |= {"missing_key_id": exc.missing_key_id} if exc.missing_key_id else {}
-        audit(settings, mode=mode, key_ids=ids, count=count,
-              outcome="refused" if isinstance(exc, Refused) else "error", error=type(exc).__name__, **extra)
+            extra["reason"] = exc.reason
+            outcome = "refused"
+        else:
+            extra |= {"error": type(exc).__name__, "reason": getattr(exc, "reason", None) or _first_line(exc)}
+            outcome = "error"
+        audit(settings, mode=mode, key_ids=ids, count=count, outcome=outcome, **extra)
         raise
     audit(settings, mode=mode, key_ids=ids, count=count, outcome="ok", **extra)
     sys.stdout.write("".join(line + "\n" for line in lines))
@@ -173,17 +212,17 @@ async def unmask_command(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _query(settings: Settings, sql: str) -> tuple[list[asyncpg.Record], Masker]:
-    from .embedded import embedded
-    from .runner import connect_postgres, masker_for
+def _first_line(exc: BaseException) -> str:
+    """An operator-facing error (redacted DSN, missing key file) in one line, or just its type."""
+    from .runner import PreflightError
 
-    async with embedded(settings, broker=False) as effective:
-        masker = await masker_for(effective)
-        conn = await connect_postgres(effective)
-        try:
-            async with conn.transaction(readonly=True):  # recovery reads; it never writes
-                return await conn.fetch(sql), masker
-        except asyncpg.PostgresError as exc:
-            raise QueryError(f"query failed: {type(exc).__name__}: {exc}") from None
-        finally:
-            await conn.close()
+    if isinstance(exc, (PreflightError, AuditError)):
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return type(exc).__name__
+
+
+def _where_plan(settings: Settings, where: str | None, columns: str | None, limit: int | None) -> Query:
+    if limit is not None and limit < 0:
+        raise QueryRefused("--limit must be 0 or more")
+    return Query(parse_columns(columns) if columns else None, settings.postgres.table.lower(),
+                 parse_where(where) if where is not None else None, limit=limit)

@@ -54,6 +54,9 @@ class PostgresSettings(_Section):
     dsn: SecretStr = SecretStr("")
     table: str = "user_logins"
     pool_size: int = Field(4, ge=2, le=64)
+    recovery_dsn: SecretStr = Field(SecretStr(""), description=(
+        "DSN `unmask --query/--where` reads with instead of `dsn`: a role granted only SELECT on the table, "
+        "so a recovery can read and nothing else; empty = `dsn`"))
 
     @field_validator("table")
     @classmethod

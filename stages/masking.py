@@ -67,6 +67,20 @@ def generate_key(key_id: str | None = None) -> MaskingKey:
     return MaskingKey(key_id or "k" + secrets.token_hex(3), os.urandom(_KEY_BYTES))
 
 
+_B64URL = re.compile(r"[A-Za-z0-9_-]*")
+
+
+def _canonical_b64decode(text: str) -> bytes | None:
+    """Unpadded base64url that re-encodes to exactly ``text``, else ``None``."""
+    if len(text) % 4 == 1 or not _B64URL.fullmatch(text):
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError):
+        return None
+    return raw if base64.urlsafe_b64encode(raw).rstrip(b"=").decode() == text else None
+
+
 class Masker:
     """Masks with the active key; unmasks with any key of the ring."""
 
@@ -92,16 +106,24 @@ class Masker:
         return self._prefix + base64.urlsafe_b64encode(self._encrypt(value.encode(), None)).rstrip(b"=").decode()
 
     def unmask(self, token: str) -> str:
-        key_id, sep, b64 = token.strip().partition(".")
+        """The original of ``token``; only the exact spelling ``mask`` produces is accepted.
+
+        Nothing is stripped or repaired: a second spelling (spare bits in the last base64
+        character, padding, whitespace, the ``+/`` alphabet) is refused like a forgery, so one
+        value has one token and a token found in an audit or a ticket is the one in the table.
+        """
+        key_id, sep, b64 = token.partition(".")
         if not sep or not b64:
             raise KeyError_("not a masked value (expected '<key id>.<base64>')")
         cipher = self._ciphers.get(key_id)
         if cipher is None:
             raise KeyError_(f"no key with id {key_id!r} in the key ring")
+        raw = _canonical_b64decode(b64)
         try:
-            raw = base64.urlsafe_b64decode(b64 + "=" * (-len(b64) % 4))
+            if raw is None:
+                raise ValueError
             return cipher.decrypt(raw, None).decode()
-        except (binascii.Error, ValueError, InvalidTag):
+        except (ValueError, InvalidTag):  # UnicodeDecodeError is a ValueError
             raise KeyError_(f"value does not decrypt under key {key_id!r} (corrupt or forged)") from None
 
     @staticmethod

@@ -224,6 +224,7 @@ def test_unmask_stdin_and_audit_line(queues, pg_dsn: str, tmp_path: Path) -> Non
     (refused,) = audit_lines(out.stderr)
     assert refused["outcome"] == "refused" and refused["missing_key_id"] == "k9" and refused["mode"] == "args"
     assert refused["key_ids"] == {"k2": 1, "k9": 1} and refused["count"] == 2
+    assert refused["reason"].startswith("no key with id 'k9' in the key ring") and "error" not in refused
 
     everything = out.stderr + audit_file.read_text()
     for secret in [*raw, "198.51.100.1", *tokens, *(t.split(".", 1)[1] for t in tokens), secret_of(K1), secret_of(K2)]:

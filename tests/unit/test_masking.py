@@ -68,3 +68,43 @@ def test_malformed_keys(text: str) -> None:
 
 def test_key_repr_hides_secret() -> None:
     assert K1.encode().split(":")[1] not in repr(K1)
+
+
+# --- one spelling per token ------------------------------------------------------------------
+
+_B64URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+def _lenient(b64: str) -> bytes:
+    """What a forgiving decoder (the old one) reads: padding added, spare bits ignored."""
+    import base64
+
+    return base64.urlsafe_b64decode(b64 + "=" * (-len(b64) % 4))
+
+
+def test_every_other_spelling_of_the_last_character_is_refused_as_forged() -> None:
+    token = M1.mask("198.51.100.7")  # 12 + 16 bytes: the last character carries 4 spare bits
+    body = token.split(".", 1)[1]
+    twins = [token[:-1] + c for c in _B64URL if c != token[-1] and _lenient(body[:-1] + c) == _lenient(body)]
+    assert len(twins) == 15  # what a lenient decoder would have accepted as the same value
+    for twin in twins:
+        with pytest.raises(KeyError_, match=r"^value does not decrypt under key 'k1' \(corrupt or forged\)$"):
+            M1.unmask(twin)
+    assert M1.unmask(token) == "198.51.100.7"
+
+
+def test_padding_whitespace_and_other_alphabets_are_refused_as_forged() -> None:
+    token = next(t for t in (M1.mask(f"10.0.0.{i}") for i in range(100)) if "-" in t[3:] or "_" in t[3:])
+    body = token[3:]
+    other_alphabet = "k1." + body.replace("-", "+").replace("_", "/")
+    too_long = token + "A" * ((1 - len(body)) % 4 or 4)  # a length no base64 string can have
+    variants = [token + "=", token + "==", token + " ", token + "\n", "\t" + token, "k1. " + body,
+                token[:10] + " " + token[10:], other_alphabet, token + "!", token + "é", too_long]
+    for bad in variants:
+        if bad.startswith("\t"):  # whitespace before the key id makes it another key id
+            with pytest.raises(KeyError_, match="no key with id"):
+                M1.unmask(bad)
+            continue
+        with pytest.raises(KeyError_, match=r"^value does not decrypt under key 'k1' \(corrupt or forged\)$"):
+            M1.unmask(bad)
+    assert len(too_long[3:]) % 4 == 1
