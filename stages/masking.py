@@ -21,6 +21,8 @@ import secrets
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 
+from .message import OriginAuth
+
 __all__ = ["Masker", "MaskingKey", "KeyError_", "generate_key", "parse_key"]
 
 _KEY_ID = re.compile(r"[A-Za-z0-9_-]{1,16}")
@@ -82,9 +84,13 @@ def _canonical_b64decode(text: str) -> bytes | None:
 
 
 class Masker:
-    """Masks with the active key; unmasks with any key of the ring."""
+    """Masks with the active key; unmasks with any key of the ring.
 
-    __slots__ = ("active", "_prefix", "_encrypt", "_ciphers")
+    It also carries ``origin_auth``, the ring's origin signer (``stages.message``), so
+    whoever holds the ring can authenticate redriven identities without a second key to manage.
+    """
+
+    __slots__ = ("active", "_prefix", "_encrypt", "_ciphers", "origin_auth")
 
     def __init__(self, keys: list[MaskingKey], active: str | None = None) -> None:
         if not keys:
@@ -97,6 +103,7 @@ class Masker:
             raise KeyError_(f"active masking key id {self.active!r} is not in the key ring")
         self._prefix = self.active + "."
         self._encrypt = self._ciphers[self.active].encrypt
+        self.origin_auth = OriginAuth(keys, self.active)
 
     @property
     def key_ids(self) -> list[str]:

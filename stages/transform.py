@@ -10,15 +10,21 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import ipaddress
+import logging
 import re
 import socket
 from typing import Any
 
 import orjson
 
+from .acker import DeadLetter
 from .masking import Masker
+from .message import ORIGIN_ATTRIBUTES, ORIGIN_ID, ORIGIN_SENT, UNAUTHENTICATED, has_origin, origin, strip_origin
 
-__all__ = ["COLUMNS", "Rejected", "to_row", "normalise_ip", "origin", "ORIGIN_ATTRIBUTES", "Transformer"]
+__all__ = ["COLUMNS", "Rejected", "to_row", "normalise_ip", "origin", "ORIGIN_ATTRIBUTES", "ORIGIN_ID", "ORIGIN_SENT",
+           "Transformer"]
+
+log = logging.getLogger("pipeline.transform")
 
 # Column order of every row tuple, of the staging table and of COPY.
 COLUMNS = (
@@ -38,9 +44,6 @@ _NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 _REQUIRED = frozenset(("user_id", "device_type", "ip", "device_id", "app_version"))
 _DAY_MS = 86_400_000
 _EPOCH = dt.date(1970, 1, 1)
-# Message attributes that `python -m pipeline redrive` sets on a dead letter it puts back.
-ORIGIN_ID, ORIGIN_SENT = "origin_message_id", "origin_sent_timestamp"
-ORIGIN_ATTRIBUTES = (ORIGIN_ID, ORIGIN_SENT)
 _inet_pton, _inet_ntop, _AF_INET = socket.inet_pton, socket.inet_ntop, socket.AF_INET
 
 
@@ -164,30 +167,19 @@ def to_row(body: str | bytes, message_id: str, sent_ms: int, masker: Masker) -> 
     )
 
 
-def origin(msg: dict) -> tuple[str, int]:
-    """The event's identity: its message id and send time (ms), or the original's for a redriven message.
-
-    The row key (``message_id``) and ``create_date`` then stay the same however often the
-    event is redelivered or redriven, so it is stored once.
-    """
-    mid, sent = msg["MessageId"], (msg.get("Attributes") or {}).get("SentTimestamp", 0)
-    attrs = msg.get("MessageAttributes")
-    if attrs:
-        o_id, o_sent = attrs.get(ORIGIN_ID), attrs.get(ORIGIN_SENT)
-        if o_id and o_id.get("StringValue"):
-            mid = o_id["StringValue"]
-        value = o_sent and o_sent.get("StringValue")
-        if value and value.isdecimal() and len(value) <= 14:  # a producer could send anything: stay in date range
-            sent = value
-    return mid, int(sent)
-
-
 class Transformer:
     """Turns receive batches into (rows, messages) pairs for the sink.
 
     Rejected messages go to the acker as dead letters. A message received more than
     ``max_receive_count`` times is dead-lettered as poison before it is parsed, so one
     message that keeps failing downstream cannot block the others forever.
+
+    Origin attributes are checked before anything else, the poison check included: a message
+    whose origin does not authenticate (``stages.message``) is dead-lettered with rule
+    ``origin.unauthenticated``, and its origin attributes are stripped first, so neither its
+    row nor its dead letter (whose ``source_*`` notes a later redrive signs) can carry a
+    forged identity. Dead-lettering rather than silently ignoring makes a misbehaving
+    producer visible, and the event is not lost: redrive puts it back under its own id.
     """
 
     def __init__(
@@ -206,6 +198,7 @@ class Transformer:
 
     async def run(self) -> None:
         inbox_get, sink_put, masker, max_rc = self.inbox.get, self.sink.put, self.masker, self.max_receive_count
+        auth = masker.origin_auth
         while True:
             batch = await inbox_get()
             if batch is None:
@@ -217,12 +210,20 @@ class Transformer:
             for msg in batch:
                 attrs = msg.get("Attributes") or {}
                 try:
+                    redriven = has_origin(msg)
+                    if redriven:
+                        problem = auth.problem(msg)
+                        if problem is not None:
+                            strip_origin(msg)
+                            log.warning("origin attributes not authenticated", extra={"rule": UNAUTHENTICATED,
+                                                                                      "reason": problem})
+                            raise Rejected(UNAUTHENTICATED, problem)
                     if int(attrs.get("ApproximateReceiveCount", 1)) > max_rc:
                         raise Rejected(
                             "poison",
                             f"poison: received {attrs['ApproximateReceiveCount']} times without being stored",
                         )
-                    if "MessageAttributes" in msg:  # redriven: keep the original's id and date
+                    if redriven:  # authenticated: keep the original's id and date
                         rows.append(to_row(msg["Body"], *origin(msg), masker))
                     else:
                         rows.append(to_row(msg["Body"], msg["MessageId"], int(attrs.get("SentTimestamp", 0)), masker))
@@ -230,6 +231,6 @@ class Transformer:
                 except Rejected as exc:
                     dead.append((msg, exc.rule, exc.reason))
             if dead:
-                await self.acker.put(("dead", dead))
+                await self.acker.put(DeadLetter(dead))
             if rows:
                 await sink_put((rows, msgs))

@@ -10,12 +10,13 @@ import pytest
 from pipeline.redrive import _entry
 from pipeline.runner import run
 from pipeline.sample import sample_bodies
-from stages.masking import generate_key
+from stages.masking import Masker, generate_key, parse_key
 from tests.helpers import drain, fetch, make_settings, pipeline_env, queue_counts, run_cli
 
 pytestmark = pytest.mark.e2e
 
 KEY = generate_key("redrive").encode()
+AUTH = Masker([parse_key(KEY)]).origin_auth  # what the redrive command signs with
 
 
 def _send(client, queue_url: str, bodies: list[str]) -> list[str]:  # type: ignore[no-untyped-def]
@@ -53,7 +54,7 @@ async def test_redrive_after_a_fix_stores_each_event_once_under_its_original_id(
     interrupted = queues.client.receive_message(
         QueueUrl=queues.dlq_url, MaxNumberOfMessages=3, VisibilityTimeout=1, WaitTimeSeconds=1,
         MessageAttributeNames=["All"], MessageSystemAttributeNames=["All"])["Messages"]
-    queues.client.send_message_batch(QueueUrl=queues.queue_url, Entries=[_entry(i, m) for i, m in enumerate(interrupted)])
+    queues.client.send_message_batch(QueueUrl=queues.queue_url, Entries=[_entry(i, m, AUTH) for i, m in enumerate(interrupted)])
     time.sleep(1.5)  # they are visible in the DLQ again
 
     partial = _redrive(env, "--max", "4")
@@ -65,7 +66,9 @@ async def test_redrive_after_a_fix_stores_each_event_once_under_its_original_id(
     # On the source queue: the original body and identity, not the rejection notes.
     peek = queues.client.receive_message(QueueUrl=queues.queue_url, MaxNumberOfMessages=10, VisibilityTimeout=1,
                                          WaitTimeSeconds=1, MessageAttributeNames=["All"])["Messages"]
-    assert all(set(m["MessageAttributes"]) == {"origin_message_id", "origin_sent_timestamp"} for m in peek)
+    assert all(set(m["MessageAttributes"]) == {"origin_message_id", "origin_sent_timestamp", "origin_signature"}
+               for m in peek)
+    assert all(AUTH.problem(m) is None for m in peek)  # signed with the ring's active key
     assert {m["MessageAttributes"]["origin_message_id"]["StringValue"] for m in peek} <= set(refused)
     assert all(m["Body"] == refused[m["MessageAttributes"]["origin_message_id"]["StringValue"]] for m in peek)
     time.sleep(1.5)
