@@ -120,7 +120,7 @@ def _sqs_line(exc: BaseException, what: str, url: str, endpoint: str) -> str:
 
 
 async def _check_postgres(f: Findings, settings: Settings, *, fresh_ok: bool = False) -> None:
-    """``fresh_ok``: the embedded database, whose table the first ``run`` creates."""
+    """A missing table is pending, not a failure, when ``run`` may create it; ``fresh_ok`` only notes the embedded case."""
     where = redact_dsn(settings.postgres.dsn.get_secret_value())
     table = settings.postgres.table
     try:
@@ -140,15 +140,16 @@ async def _check_postgres(f: Findings, settings: Settings, *, fresh_ok: bool = F
     finally:
         await conn.close()
     name = f"{report.schema}.{table}" if report.schema else table
-    if not report.exists and fresh_ok and not report.problems:
-        f.ok(f"table {name} not created yet; the first `run` creates it (embedded PostgreSQL)")
+    pending = f"{len(report.pending)} change(s) pending"
+    if not report.exists and not report.problems:  # pending, like a missing DLQ that `run` creates
+        where = " (embedded PostgreSQL)" if fresh_ok else ""
+        f.ok(f"table {name} not created yet; `run` or `migrate` creates it{where}; {pending}")
     elif not report.exists:
-        why = "; ".join(report.problems) or "`python -m pipeline migrate` creates it (`run` does too)"
-        f.fail(f"table {name} does not exist: {why}")
+        f.fail(f"table {name} does not exist and `run` could not create it: {'; '.join(report.problems)}")
     elif report.problems:
         f.fail(f"table {name} is not compatible: {'; '.join(report.problems)}")
     elif report.pending:
-        f.ok(f"table {name} present and compatible; {len(report.pending)} change(s) pending, applied in place "
+        f.ok(f"table {name} present and compatible; {pending}, applied in place "
              f"by `run` or `migrate`: {'; '.join(report.pending)}")
     else:
         f.ok(f"table {name} present and up to date")

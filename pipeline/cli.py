@@ -14,6 +14,7 @@ import signal
 import sys
 from pathlib import Path
 
+import asyncpg
 import orjson
 
 from stages.masking import KeyError_, generate_key
@@ -23,6 +24,7 @@ from .bench import command as bench_command
 from .check import check
 from .console import interactive, invocation, live_progress, print_summary
 from .embedded import embedded
+from .errors import MIGRATE_HINT, describe
 from .loadgen import add_arguments as loadgen_arguments
 from .loadgen import command as loadgen_command
 from .logs import setup_logging
@@ -108,15 +110,19 @@ def main(argv: list[str] | None = None) -> int:
         runner = asyncio.run
     try:
         return runner(COMMANDS[args.command](settings, args))
+    except ConfigError as exc:
+        return _fail(f"config: {exc}", EXIT_CONFIG)
     except (PreflightError, KeyError_, RuntimeError) as exc:
         return _fail(str(exc), EXIT_FAILURE)
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # noqa: BLE001 - the backstop: one line, never a traceback
+        return _fail(describe(exc, settings), EXIT_FAILURE)
 
 
 def _fail(message: str, code: int) -> int:
     message = message.replace("python -m pipeline", invocation())  # a hint that works from this shell
-    print(f"error: {message}", file=sys.stderr)
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)  # one line, whatever the message holds
     return code
 
 
@@ -194,6 +200,10 @@ async def _show(settings: Settings, args: argparse.Namespace) -> int:
             table = effective.postgres.table
             count = await conn.fetchval(f"SELECT count(*) FROM {table}")
             rows = await conn.fetch(f"SELECT * FROM {table} ORDER BY create_date DESC NULLS LAST LIMIT $1", args.limit)
+        except asyncpg.UndefinedTableError:
+            where = (f" (this is the embedded PostgreSQL in {settings.pipeline.state_dir / 'pg'} of the current folder: "
+                     "run `show` from the folder `run` ran in)" if settings.embedded_postgres else "")
+            raise PreflightError(f"table {table} does not exist yet; {MIGRATE_HINT}{where}") from None
         finally:
             await conn.close()
     for r in rows:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
@@ -32,7 +33,8 @@ from stages.transform import Transformer
 from .keyring import load_masker
 from .metrics import Stats
 from .schema import migrate
-from .settings import Settings, redact_dsn, scrub_dsn_secrets
+from .dsn import dsn_hint, dsn_targets, redact_dsn, scrub_dsn_secrets
+from .settings import Settings
 
 __all__ = ["run", "Runtime", "PreflightError", "sqs_client", "connect_postgres", "masker_for"]
 
@@ -109,19 +111,38 @@ async def check_queues(client: Any, settings: Settings) -> dict[str, str]:
 
 
 async def connect_postgres(settings: Settings, timeout: float = 10) -> asyncpg.Connection:
+    """Connect, or raise ``PreflightError`` naming the address the driver tried, never the password."""
     dsn = settings.postgres.dsn.get_secret_value()
-    where = redact_dsn(dsn)
+    where, hint = redact_dsn(dsn), dsn_hint(dsn)
     try:
         return await asyncpg.connect(dsn, timeout=timeout)
     except asyncpg.InvalidPasswordError:
-        raise PreflightError(f"PostgreSQL at {where}: authentication failed") from None
+        raise PreflightError(f"PostgreSQL at {where}: authentication failed{hint}") from None
     except asyncpg.InvalidCatalogNameError:
-        raise PreflightError(f"PostgreSQL at {where}: database does not exist") from None
-    except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        reason = type(exc).__name__ if isinstance(exc, asyncio.TimeoutError) else str(exc) or type(exc).__name__
-        raise PreflightError(f"PostgreSQL at {where} is unreachable: {scrub_dsn_secrets(reason, dsn)}") from None
-    except ValueError as exc:  # the driver's message may quote a piece of the DSN (a misread password)
-        raise PreflightError(f"PostgreSQL DSN {where} is invalid: {scrub_dsn_secrets(str(exc), dsn)}") from None
+        raise PreflightError(f"PostgreSQL at {where}: database does not exist{hint}") from None
+    except ValueError as exc:  # ClientConfigurationError too; its message may quote a misread password piece
+        why = "it cannot be parsed" if hint else scrub_dsn_secrets(str(exc), dsn)
+        raise PreflightError(f"PostgreSQL DSN {where} is invalid: {why}{hint}") from None
+    except asyncpg.PostgresError as exc:  # the server answered: a role, pg_hba or connection-limit refusal
+        raise PreflightError(f"PostgreSQL at {where} refused the connection: "
+                             f"{scrub_dsn_secrets(str(exc), dsn)}{hint}") from None
+    except (OSError, asyncio.TimeoutError, asyncpg.InterfaceError) as exc:
+        targets = dsn_targets(dsn)
+        tried = f" (tried {', '.join(targets)})" if targets else ""
+        raise PreflightError(f"PostgreSQL at {where} is unreachable: {_pg_reason(exc, dsn, timeout)}{tried}{hint}") from None
+
+
+def _pg_reason(exc: BaseException, dsn: str, timeout: float) -> str:
+    """Why a connection failed, without the driver's text when it may quote a misread password piece."""
+    if isinstance(exc, asyncio.TimeoutError):
+        return f"no answer within {timeout:g} s"
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve the host name ({exc.strerror})"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower() if exc.strerror[:1].isupper() and exc.strerror[1:2].islower() else exc.strerror
+    if dsn_hint(dsn):
+        return type(exc).__name__
+    return scrub_dsn_secrets(" ".join(str(exc).split()), dsn) or type(exc).__name__
 
 
 @dataclass(eq=False)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-__all__ = ["migrate", "inspect", "SchemaReport", "MIGRATION_LOCK"]
+__all__ = ["migrate", "plan", "inspect", "SchemaReport", "MIGRATION_LOCK"]
 
 MIGRATION_LOCK = 0x5049_5045  # advisory lock id: concurrent instances migrate one at a time
 
@@ -30,15 +30,35 @@ _WANTED = {
 
 
 async def migrate(conn: asyncpg.Connection, table: str) -> list[str]:
-    """Create or adapt ``table``; return the statements it ran (empty when up to date)."""
-    ran: list[str] = []
+    """Create or adapt ``table``; return the statements it ran (empty when up to date).
+
+    It runs exactly what ``plan`` returns, read under the advisory lock, so ``check``
+    (which reports ``plan``) and ``migrate`` cannot disagree about what is pending.
+    """
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
-        ran = _plan(await _read_columns(conn, table), table)
+        ran = await plan(conn, table)
         for stmt in ran:
             await conn.execute(stmt)
-        await conn.execute(f"CREATE UNIQUE INDEX IF NOT EXISTS {table}_message_id_key ON {table} (message_id)")
     return ran
+
+
+async def plan(conn: asyncpg.Connection, table: str) -> list[str]:
+    """The statements that bring ``table`` (in the current schema) up to date; changes nothing."""
+    cols = await _read_columns(conn, table)
+    out = _plan_columns(cols, table)
+    if not cols or not await conn.fetchval(_UNIQUE_MESSAGE_ID, table):
+        # No IF NOT EXISTS: an unsuitable index of that name must fail here, not later at the upsert.
+        out.append(f"CREATE UNIQUE INDEX {table}_message_id_key ON {table} (message_id)")
+    return out
+
+
+# A unique index on message_id alone, without a predicate: what ON CONFLICT (message_id) needs.
+_UNIQUE_MESSAGE_ID = (
+    "SELECT count(*) > 0 FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0] "
+    "WHERE i.indrelid = to_regclass(format('%I.%I', current_schema(), $1::text)) AND i.indisunique "
+    "AND i.indnkeyatts = 1 AND i.indpred IS NULL AND a.attname = 'message_id'"
+)
 
 
 async def _read_columns(conn: asyncpg.Connection, table: str) -> dict[str, str]:
@@ -49,8 +69,8 @@ async def _read_columns(conn: asyncpg.Connection, table: str) -> dict[str, str]:
     ))
 
 
-def _plan(cols: dict[str, str], table: str) -> list[str]:
-    """The statements that bring a table with columns ``cols`` (empty: absent) up to date."""
+def _plan_columns(cols: dict[str, str], table: str) -> list[str]:
+    """The table statements for a table with columns ``cols`` (empty: absent); the index is ``plan``'s."""
     if not cols:
         body = ", ".join(f"{name} {kind}" for name, kind in _WANTED.items())
         return [f"CREATE TABLE {table} ({body})"]
@@ -115,13 +135,13 @@ async def inspect(conn: asyncpg.Connection, table: str) -> SchemaReport:
     if not cols and await conn.fetchval("SELECT to_regclass($1)", qualified) is not None:
         # information_schema hides the columns of a table the user has no privilege on.
         return SchemaReport(table, schema, True, problems=["the user has no privileges on the table"])
-    report = SchemaReport(table, schema, bool(cols), cols, _plan(cols, table))
+    report = SchemaReport(table, schema, bool(cols), cols, await plan(conn, table))
     problems = report.problems
     if not await conn.fetchval("SELECT has_database_privilege(current_database(), 'TEMP')"):
         problems.append("the user may not create temporary tables (GRANT TEMP ON DATABASE …), needed for COPY staging")
     if not cols:
         if not await conn.fetchval("SELECT has_schema_privilege(current_schema(), 'CREATE')"):
-            problems.append(f"the table is absent and the user may not create tables in schema {schema}")
+            problems.append(f"the user may not create tables in schema {schema}")
         return report
     for name, have in cols.items():
         want = _WANTED.get(name)
@@ -137,14 +157,6 @@ async def inspect(conn: asyncpg.Connection, table: str) -> SchemaReport:
             problems.append(f"column {r['column_name']} is NOT NULL without a default; the pipeline does not write it")
     if not await conn.fetchval("SELECT has_table_privilege($1, 'INSERT')", qualified):
         problems.append("the user may not INSERT into the table")
-    unique = await conn.fetchval(
-        "SELECT count(*) FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0] "
-        "WHERE i.indrelid = $1::regclass AND i.indisunique AND i.indnkeyatts = 1 AND i.indpred IS NULL "
-        "AND a.attname = 'message_id'",
-        qualified,
-    )
-    if not unique:
-        report.pending.append(f"CREATE UNIQUE INDEX {table}_message_id_key ON {table} (message_id)")
     if report.pending and not await conn.fetchval(
         "SELECT pg_has_role(c.relowner, 'USAGE') FROM pg_class c WHERE c.oid = $1::regclass", qualified
     ):

@@ -11,17 +11,39 @@ import re
 import tomllib
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-__all__ = ["Settings", "ConfigError", "load_settings", "redact_dsn", "scrub_dsn_secrets"]
+from .dsn import dsn_hint, dsn_problem, dsn_targets, redact_dsn, scrub_dsn_secrets  # noqa: F401 - re-exported
+
+__all__ = ["Settings", "ConfigError", "load_settings", "redact_dsn", "scrub_dsn_secrets", "dsn_targets", "dsn_hint",
+           "http_url"]
 
 ENV_PREFIX = "PIPELINE_"
 
 
 class ConfigError(Exception):
     """Configuration is unusable; the message is one line meant for the operator."""
+
+
+# Every AWS partition's region names: us-east-1, eu-central-2, us-gov-west-1, cn-north-1, ...
+_REGION = re.compile(r"[a-z]{2}(-[a-z]+)+-\d{1,2}")
+
+
+def http_url(v: str) -> str:
+    """Empty, or an http(s) URL with a host; botocore would otherwise fail with a traceback."""
+    if not v:
+        return v
+    try:
+        parts = urlsplit(v)
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        raise ValueError(f"{v!r} is not a URL") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{v!r} is not an http(s) URL with a host (like http://localhost:4566)")
+    return v
 
 
 class _Section(BaseModel):
@@ -41,6 +63,20 @@ class SqsSettings(_Section):
     ackers: int = Field(4, ge=1, le=64)
     create_dlq: bool = True
 
+    @field_validator("region")
+    @classmethod
+    def _region(cls, v: str) -> str:
+        # botocore builds the endpoint host from the region; a malformed one fails deep inside
+        # client creation (``Invalid endpoint: https://sqs..amazonaws.com``) instead of here.
+        if not _REGION.fullmatch(v):
+            raise ValueError(f"{v!r} is not an AWS region (like us-east-1 or eu-central-2)")
+        return v
+
+    @field_validator("endpoint_url", "queue_url", "dlq_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        return http_url(v)
+
     @model_validator(mode="before")
     @classmethod
     def _default_dlq(cls, data: Any) -> Any:
@@ -57,6 +93,16 @@ class PostgresSettings(_Section):
     recovery_dsn: SecretStr = Field(SecretStr(""), description=(
         "DSN `unmask --query/--where` reads with instead of `dsn`: a role granted only SELECT on the table, "
         "so a recovery can read and nothing else; empty = `dsn`"))
+
+    @field_validator("dsn", "recovery_dsn")
+    @classmethod
+    def _dsn(cls, v: SecretStr) -> SecretStr:
+        dsn = v.get_secret_value()
+        if dsn:
+            problem = dsn_problem(dsn)
+            if problem:
+                raise ValueError(problem)
+        return v
 
     @field_validator("table")
     @classmethod
@@ -77,6 +123,11 @@ class MaskingSettings(_Section):
     kms_wrapped_keys: str = ""
     kms_endpoint_url: str = ""
     audit_log: str = ""
+
+    @field_validator("kms_endpoint_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        return http_url(v)
 
     @property
     def configured(self) -> bool:
@@ -137,48 +188,6 @@ class Settings(BaseSettings):
         return self.embedded_sqs or self.embedded_postgres
 
 
-# ``password=`` in a URI query or a libpq ``key=value`` DSN, quoted or not.
-_PASSWORD_PARAM = re.compile(r"((?:^|[?&\s])password\s*=\s*)('(?:[^'\\]|\\.)*'|[^&\s]*)", re.IGNORECASE)
-
-
-def _userinfo(dsn: str) -> tuple[str, str, str] | None:
-    """(scheme://user, password, @rest) of a URI DSN with a password, split at the *last* ``@``.
-
-    The last, not the first: a password with an unescaped ``@`` or ``/`` must still be found
-    (libraries that split at the first ``@`` would read part of it as the host).
-    """
-    scheme, sep, rest = dsn.partition("://")
-    if not sep:
-        return None
-    userinfo, at, host = rest.rpartition("@")
-    user, colon, password = userinfo.partition(":")
-    if not (at and colon):
-        return None
-    return f"{scheme}://{user}", password, f"@{host}"
-
-
-def redact_dsn(dsn: str) -> str:
-    """The DSN with its password replaced, for logs and errors, however the password is given."""
-    parts = _userinfo(dsn)
-    if parts is not None:
-        dsn = f"{parts[0]}:***{parts[2]}"
-    elif "://" not in dsn and "=" not in dsn:
-        return "<unparseable dsn>"  # not a URI nor key=value: it could be anything, a password included
-    return _PASSWORD_PARAM.sub(r"\1***", dsn)
-
-
-def scrub_dsn_secrets(text: str, dsn: str) -> str:
-    """``text`` (e.g. a driver's error message) without the DSN's password or recognisable pieces of it."""
-    secrets = [m.group(2).strip("'") for m in _PASSWORD_PARAM.finditer(dsn)]
-    parts = _userinfo(dsn)
-    if parts is not None:
-        secrets.append(parts[1])
-    pieces = {p for s in secrets if s for p in [s, *re.split(r"[@:/?#&]", s)] if len(p) >= 3}
-    for piece in sorted(pieces, key=len, reverse=True):
-        text = text.replace(piece, "***")
-    return text
-
-
 def _unknown_env_keys() -> list[str]:
     sections = {name.upper(): model for name, model in Settings.model_fields.items()}
     bad = []
@@ -227,6 +236,6 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
         if err["type"] == "extra_forbidden":
             msg = f"unknown configuration key {where!r} (in {path or 'config'} or {source})"
         else:
-            msg = f"invalid value for {where} ({source}): {err['msg']}"
+            msg = f"invalid value for {where} ({source}): {err['msg'].removeprefix('Value error, ')}"
         more = len(exc.errors()) - 1
         raise ConfigError(msg + (f" (and {more} more)" if more else "")) from None

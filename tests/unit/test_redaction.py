@@ -31,3 +31,18 @@ def test_redact_dsn(dsn: str, redacted: str) -> None:
 def test_scrub_removes_the_password_and_its_pieces(dsn: str) -> None:
     text = "invalid literal for int() with base 10: 'hunter2@db:5432' (hunter2)"
     assert SECRET not in scrub_dsn_secrets(text, dsn)
+
+
+@pytest.mark.parametrize(("dsn", "targets", "misread"), [
+    ("postgresql://u:hunter2@db:5433/x", ["db:5433"], False),
+    ("postgresql://u:hunter2@a:1,b:2/x", ["a:1", "b:2"], False),
+    ("postgresql://u:p@ss/w@db:5432/x", ["***:5432"], True),  # the driver's host is a piece of the password
+    ("postgresql://u:pa@ss@127.0.0.1:1/x", ["***@127.0.0.1:1"], True),
+    ("postgresql://u:p%40ss@db:5432/x", ["db:5432"], False),  # percent-encoded: read as meant
+])
+def test_dsn_targets_are_what_the_driver_tries_without_password_pieces(dsn: str, targets: list[str], misread: bool) -> None:
+    from pipeline.settings import dsn_hint, dsn_targets
+
+    assert dsn_targets(dsn) == targets
+    assert bool(dsn_hint(dsn)) is misread
+    assert "percent-encoding" in dsn_hint(dsn) or not misread

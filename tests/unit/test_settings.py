@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -20,13 +21,41 @@ def test_shipped_config_is_the_embedded_default(monkeypatch: pytest.MonkeyPatch)
 
 
 @pytest.mark.parametrize(
-    "var",
-    ["PIPELINE_SQS__ENDPOINT_URL", "PIPELINE_SQS__QUEUE_URL", "PIPELINE_SQS__DLQ_URL", "PIPELINE_SQS__REGION"],
+    ("var", "value"),
+    [("PIPELINE_SQS__ENDPOINT_URL", "http://x:4566"), ("PIPELINE_SQS__QUEUE_URL", "http://x/1/q"),
+     ("PIPELINE_SQS__DLQ_URL", "https://x/1/q-dlq"), ("PIPELINE_SQS__REGION", "eu-central-2")],
 )
-def test_env_overrides(monkeypatch: pytest.MonkeyPatch, var: str) -> None:
-    monkeypatch.setenv(var, "http://x/1/q")
+def test_env_overrides(monkeypatch: pytest.MonkeyPatch, var: str, value: str) -> None:
+    monkeypatch.setenv(var, value)
     s = load_settings(ROOT / "config.toml")
-    assert getattr(s.sqs, var.split("__")[1].lower()) == "http://x/1/q"
+    assert getattr(s.sqs, var.split("__")[1].lower()) == value
+
+
+@pytest.mark.parametrize(
+    ("var", "value"),
+    [("PIPELINE_SQS__REGION", "not a region!"), ("PIPELINE_SQS__REGION", ""), ("PIPELINE_SQS__REGION", "US-EAST-1"),
+     ("PIPELINE_SQS__ENDPOINT_URL", "localhost:4566"), ("PIPELINE_SQS__ENDPOINT_URL", "ht!tp://x"),
+     ("PIPELINE_SQS__ENDPOINT_URL", "http://"), ("PIPELINE_SQS__ENDPOINT_URL", "http://h:port"),
+     ("PIPELINE_SQS__QUEUE_URL", "login-queue"), ("PIPELINE_MASKING__KMS_ENDPOINT_URL", "ftp://kms"),
+     ("PIPELINE_POSTGRES__DSN", "host=h password=pw"), ("PIPELINE_POSTGRES__DSN", "mysql://u:pw@h/db"),
+     ("PIPELINE_POSTGRES__DSN", "postgresql://u:pw@h:port/db")],
+)
+def test_malformed_endpoints_regions_and_dsns_are_config_errors(monkeypatch: pytest.MonkeyPatch, var: str, value: str) -> None:
+    """Caught here, as one line, instead of as a traceback from deep inside botocore or asyncpg."""
+    monkeypatch.setenv(var, value)
+    where = var.removeprefix("PIPELINE_").lower().replace("__", ".")
+    with pytest.raises(ConfigError, match=re.escape(where)) as err:
+        load_settings(ROOT / "config.toml")
+    assert "\n" not in str(err.value) and "Value error" not in str(err.value)
+    assert "pw" not in str(err.value).replace("password", "")
+
+
+def test_a_dsn_password_with_a_slash_is_a_config_error_that_names_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    # asyncpg reads 'u:ab' as host u, port 'ab': the password must be percent-encoded.
+    monkeypatch.setenv("PIPELINE_POSTGRES__DSN", "postgresql://u:ab/Secretpw@h:5432/db")
+    with pytest.raises(ConfigError, match="percent-encode") as err:
+        load_settings(ROOT / "config.toml")
+    assert "Secretpw" not in str(err.value) and "'ab'" not in str(err.value)
 
 
 def test_secret_env_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
