@@ -19,14 +19,14 @@ import orjson
 
 from stages.masking import KeyError_, generate_key
 
-from .bench import add_arguments as bench_arguments
-from .bench import command as bench_command
+from .harness.bench import add_arguments as bench_arguments
+from .harness.bench import command as bench_command
 from .check import check
 from .console import interactive, invocation, live_progress, print_summary
 from .embedded import embedded
 from .errors import MIGRATE_HINT, describe
-from .loadgen import add_arguments as loadgen_arguments
-from .loadgen import command as loadgen_command
+from .harness.loadgen import add_arguments as loadgen_arguments
+from .harness.loadgen import command as loadgen_command
 from .logs import setup_logging
 from .runner import PreflightError, Runtime, connect_postgres, run
 from .schema import migrate

@@ -13,8 +13,12 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 import warnings
 from pathlib import Path
 from typing import AsyncIterator
@@ -23,17 +27,43 @@ from pydantic import SecretStr
 
 from stages.masking import generate_key
 
-from .localstack import free_port, wait_http_ok
 from .sample import MALFORMED, WRONG_TYPE, sample_bodies
 from .settings import Settings
 
-__all__ = ["embedded", "local_key"]
+__all__ = ["embedded", "local_key", "free_port", "wait_http_ok"]
 
 log = logging.getLogger("pipeline.embedded")
 
 QUEUE = "login-queue"
 DLQ = "login-queue-dlq"
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http_ok(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Poll ``url`` until it answers 200; fail early if ``proc`` dies meanwhile.
+
+    Proxies are bypassed: the services always live on 127.0.0.1.
+    """
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
+        try:
+            with opener.open(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.25)
+    raise TimeoutError(f"{url} did not answer 200 within {timeout:.0f}s")
 
 
 def local_key(state_dir: Path) -> str:

@@ -22,9 +22,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `tests.services` must import under any pytest import mode
     sys.path.insert(0, str(REPO))
 
-from tests.services import REGION, LocalStack, Postgres, sqs_client
+from pipeline.harness._services import LocalStack, ensure_venv
 from tests.localstack_compat import patch_venv
-from tests.services import _ensure_localstack_venv
+from tests.services import REGION, Postgres, sqs_client
 
 CACHE_DIR = REPO / ".cache"  # LocalStack venv, reused across runs (git-ignored)
 
@@ -64,7 +64,7 @@ def localstack() -> Iterator[LocalStack | RunningSqs]:
     if running:
         yield RunningSqs(running.rstrip("/"))
         return
-    patch_venv(_ensure_localstack_venv(CACHE_DIR.resolve() / "localstack-venv"))  # KMS on Python 3.11
+    patch_venv(ensure_venv(CACHE_DIR.resolve() / "localstack-venv"))  # KMS on Python 3.11
     ls = LocalStack.start(CACHE_DIR)
     try:
         yield ls

@@ -17,15 +17,9 @@ import warnings
 from pathlib import Path
 from typing import Any, Self
 
-from pipeline.localstack import (  # noqa: F401  (re-exported: the fixtures' API)
-    LOCALSTACK_REQUIREMENTS,
-    LocalStack,
-    free_port,
-    wait_http_ok,
-)
-from pipeline.localstack import clean_env as _clean_env  # noqa: F401
-from pipeline.localstack import ensure_venv as _ensure_localstack_venv  # noqa: F401
-from pipeline.localstack import tail as _tail
+from pipeline.embedded import free_port
+from pipeline.harness._services import LocalStack  # noqa: F401  (re-exported: the fixtures' API)
+from pipeline.harness._services import tail as _tail
 
 
 REGION = "us-east-1"

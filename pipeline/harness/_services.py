@@ -3,6 +3,10 @@
 Shared by the test fixtures and by ``bench``: the embedded moto broker answers in
 10-50 ms a request, far too slow to measure a pipeline against, while LocalStack serves
 thousands of messages a second. No Docker: LocalStack's Python package runs directly.
+
+It lives in the harness, not in the service: installing LocalStack runs ``pip``, which a
+production process must never do. ``free_port`` and ``wait_http_ok`` belong to the core
+(the embedded broker starts with them) and are only re-used here.
 """
 
 from __future__ import annotations
@@ -12,14 +16,12 @@ import fcntl
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
+
+from ..embedded import free_port, wait_http_ok
 
 __all__ = [
     "LOCALSTACK_REQUIREMENTS", "LocalStack", "ensure_venv", "installed", "free_port", "wait_http_ok",
@@ -35,33 +37,6 @@ LOCALSTACK_REQUIREMENTS = (
     "joserfc<1.3",
     "service_identity<25",
 )
-
-
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_http_ok(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
-    """Poll ``url`` until it answers 200; fail early if ``proc`` dies meanwhile.
-
-    Proxies are bypassed: the services always live on 127.0.0.1.
-    """
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
-        try:
-            with opener.open(url, timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.25)
-    raise TimeoutError(f"{url} did not answer 200 within {timeout:.0f}s")
 
 
 def clean_env() -> dict[str, str]:

@@ -18,9 +18,9 @@ from typing import Any, Callable, Iterator
 import orjson
 from botocore.exceptions import BotoCoreError, ClientError
 
-from .runner import sqs_client
-from .sample import iter_bodies
-from .settings import Settings
+from ..runner import sqs_client
+from ..sample import iter_bodies
+from ..settings import Settings
 
 __all__ = ["loadgen", "producer_client", "add_arguments", "command"]
 
@@ -118,7 +118,7 @@ async def loadgen(
 @contextlib.contextmanager
 def progress_bar(total: int, description: str = "sending") -> Iterator[Callable[[int], None] | None]:
     """A rich progress bar on stderr when it is a terminal; otherwise nothing (logs stay clean)."""
-    from .console import interactive
+    from ..console import interactive
 
     if not interactive():
         yield None
@@ -157,8 +157,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 async def command(settings: Settings, args: argparse.Namespace) -> int:
     """``python -m pipeline loadgen``: a JSON summary on stdout, a progress bar on a terminal."""
-    from .runner import PreflightError, _sqs_problem
-    from .console import invocation
+    from ..runner import PreflightError, _sqs_problem
+    from ..console import invocation
 
     problems = [
         (args.count < 0, "--count must be >= 0"),

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pipeline.bench import _buckets, _percentiles, _rate
+from pipeline.harness.bench.meter import percentiles as _percentiles
+from pipeline.harness.bench.meter import rate as _rate
+from pipeline.harness.bench.report import buckets as _buckets
 from pipeline.workers import merge_summaries
 
 

@@ -1,0 +1,24 @@
+"""What one ``bench`` run measures: its options, shared by the phases, the targets and the report."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["BenchOptions", "MEMORY_COUNT"]
+
+MEMORY_COUNT = 100_000
+
+
+@dataclass
+class BenchOptions:
+    count: int = 20_000
+    memory_count: int = MEMORY_COUNT
+    out: Path = Path("benchmarks")
+    memory: bool = False
+    latency: bool = True
+    rounds: int = 3
+    seed: int = 42
+    latency_seconds: float = 15.0
+    cache_dir: Path = Path(".cache")
+    name: str = "bench"
