@@ -163,7 +163,7 @@ class Runtime:
 
 async def run(
     settings: Settings, *, until_empty: bool = False, stop: asyncio.Event | None = None,
-    runtime: Runtime | None = None, observe_latency: Any = None,
+    runtime: Runtime | None = None,
 ) -> dict:
     """Run the pipeline until ``stop`` is set (or the queue is drained); return the summary."""
     rt = runtime or Runtime(settings)
@@ -204,7 +204,6 @@ async def run(
         transformer = Transformer(raw, rows, acks, masker, stats, s.max_receive_count)
         sink = rt.sink = CopySink(
             pool, table, rows, acks, stats, batch_size=p.batch_size, batch_timeout=p.batch_timeout,
-            observe_latency=stats.observe_commit if observe_latency is None else _both(stats.observe_commit, observe_latency),
         )
         acker = Acker(client, s.queue_url, s.dlq_url, acks, leases, stats, s.ackers)
         heartbeat = Heartbeat(client, s.queue_url, leases, stats, s.visibility_timeout or 30)
@@ -256,14 +255,6 @@ async def _drain(source_task: asyncio.Task, raw: asyncio.Queue, stage_tasks: lis
     await source_task
     await raw.put(None)
     await asyncio.gather(*stage_tasks)
-
-
-def _both(first: Any, second: Any) -> Any:
-    def observe(msgs: list[dict]) -> None:
-        first(msgs)
-        second(msgs)
-
-    return observe
 
 
 async def queue_backlog(client: Any, queue_url: str) -> dict[str, int]:

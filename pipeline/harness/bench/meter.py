@@ -2,6 +2,12 @@
 
 Throughput is counted between the first and the last event, so process start-up and the
 final idle poll do not count; several workers' measurements merge on one clock.
+
+The pipeline is observed only through what ``/metrics`` exposes, its ``Stats``: commits are the
+growth of the batch-size histogram's sum, sampled every ``COMMIT_SAMPLE_S``, and latency is the
+SentTimestamp-to-commit histogram. The product has no benchmark hook, so what is measured is
+what is monitored. Latency is therefore as fine as the histogram's buckets: percentiles
+interpolate linearly within a bucket, as Prometheus' ``histogram_quantile`` does.
 """
 
 from __future__ import annotations
@@ -14,7 +20,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-__all__ = ["Meter", "rate", "percentiles", "merge"]
+from stages.stats import Buckets, Stats
+
+__all__ = ["Meter", "rate", "percentiles", "spread", "merge", "COMMIT_SAMPLE_S"]
+
+COMMIT_SAMPLE_S = 0.01  # fine enough for a first-to-last window, cheap next to the work measured
 
 
 def _rss_bytes() -> int:
@@ -43,7 +53,12 @@ class Meter:
     work: float | None = None  # when the first message was in hand (the fallback window's start)
     cpu0: float = 0.0
     cpu1: float = 0.0
+    stats: Stats | None = None  # followed: commits as events, and the latency histogram
+    latency: bool = False
+    _committed: int = 0
+    _latency0: list[int] = field(default_factory=list)
     _task: asyncio.Task | None = None
+    _follower: asyncio.Task | None = None
 
     def start(self) -> None:
         self.t0 = time.monotonic()
@@ -62,19 +77,38 @@ class Meter:
         if self.work is None:
             self.work = time.monotonic() - self.t0
 
-    def observe(self, msgs: list[dict]) -> None:
-        """``CopySink.observe_latency`` hook: called once per committed batch."""
-        self.events.append((time.monotonic() - self.t0, len(msgs)))
-        now_ms = time.time() * 1000
-        add = self.latencies_ms.append
-        for m in msgs:
-            add(now_ms - int(m["Attributes"]["SentTimestamp"]))
+    def follow(self, stats: Stats, *, latency: bool = True) -> None:
+        """Count ``stats``' commits as events from now on (and, with ``latency``, report its latency histogram)."""
+        self.stats, self.latency = stats, latency
+        self._committed = int(stats.batch_sizes.sum)
+        self._latency0 = list(stats.latency.counts)
+        self._follower = asyncio.get_running_loop().create_task(self._follow())
+
+    async def _follow(self) -> None:
+        while True:
+            await asyncio.sleep(COMMIT_SAMPLE_S)
+            self._commits()
+
+    def _commits(self) -> None:
+        """Messages committed since the last look: ``observe_commit`` adds each batch's size to the sum."""
+        assert self.stats is not None
+        now = int(self.stats.batch_sizes.sum)
+        if now > self._committed:
+            self.event(now - self._committed)
+            self._committed = now
 
     async def stop(self) -> dict:
         self.cpu1 = _cpu_seconds()
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        for task in (self._task, self._follower):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if self.stats is not None:
+            self._commits()
+            if self.latency:  # what this phase added to the histogram
+                since = Buckets(self.stats.latency.bounds)
+                since.counts = [n - n0 for n, n0 in zip(self.stats.latency.counts, self._latency0)]
+                self.latencies_ms = spread(since)
         self.rss.append((time.monotonic() - self.t0, _rss_bytes(), self.counter()))
         return self.result()
 
@@ -123,6 +157,21 @@ def percentiles(values: array.array | list[float]) -> dict | None:
         return round(s[min(len(s) - 1, int(p * len(s)))], 1)
 
     return {"p50": q(0.50), "p95": q(0.95), "p99": q(0.99), "max": round(s[-1], 1), "n": len(s)}
+
+
+def spread(hist: Buckets) -> array.array:
+    """A seconds histogram as values in ms, each bucket's observations spread evenly across it.
+
+    Percentiles and the CDF of these values are the linear interpolation ``histogram_quantile``
+    makes; the +Inf bucket has no width, so its observations sit at the last bound.
+    """
+    out = array.array("d")
+    low = 0.0
+    for high, n in zip((*hist.bounds, hist.bounds[-1]), hist.counts):
+        step = (high - low) / n if n else 0.0
+        out.extend(1000 * (low + step * (i + 0.5)) for i in range(n))
+        low = high
+    return out
 
 
 def merge(results: list[dict]) -> dict:

@@ -97,10 +97,10 @@ async def _phase_pipeline(settings: Settings, expected: int, ready: Any = None, 
                 return
 
     meter.start()
+    meter.follow(rt.stats)
     watcher = asyncio.create_task(watch())
     try:
-        summary = await asyncio.wait_for(run(settings, stop=stop, runtime=rt, observe_latency=meter.observe),
-                                         _deadline(expected))
+        summary = await asyncio.wait_for(run(settings, stop=stop, runtime=rt), _deadline(expected))
     finally:
         watcher.cancel()
     result = await meter.stop()
@@ -159,8 +159,7 @@ async def _phase_core(settings: Settings, bodies: list[str]) -> dict:
         acks: asyncio.Queue = asyncio.Queue(p.queue_size * 4)
         meter = Meter(counter=lambda: stats.inserted)
         transformer = Transformer(raw, out, acks, masker, stats, settings.sqs.max_receive_count)
-        sink = CopySink(pool, table, out, acks, stats, batch_size=p.batch_size, batch_timeout=p.batch_timeout,
-                        observe_latency=lambda m: meter.event(len(m)))
+        sink = CopySink(pool, table, out, acks, stats, batch_size=p.batch_size, batch_timeout=p.batch_timeout)
 
         async def feed() -> None:
             meter.working()
@@ -173,6 +172,7 @@ async def _phase_core(settings: Settings, bodies: list[str]) -> dict:
                 pass
 
         meter.start()
+        meter.follow(stats, latency=False)  # the bodies' SentTimestamp is when they were built: no latency here
         await asyncio.gather(feed(), transformer.run(), sink.run(), drain_acks())
         results["core"] = await meter.stop()
         results["core"]["inserted"] = stats.inserted
