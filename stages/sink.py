@@ -28,7 +28,7 @@ from .acker import Committed, DeadLetter, Redeliver
 from .stats import Stats
 from .transform import COLUMNS
 
-__all__ = ["CopySink", "STAGE_TABLE", "create_stage_table"]
+__all__ = ["CopySink", "STAGE_TABLE", "create_stage_table", "upsert_sql"]
 
 log = logging.getLogger("pipeline.sink")
 
@@ -65,6 +65,16 @@ def _is_transient(exc: BaseException) -> bool:
     return isinstance(exc, _CONNECTION_ERRORS) and not _is_row_error(exc) and not _is_suspect(exc)
 
 
+def upsert_sql(table: str) -> str:
+    """The statement that moves a committed batch from the staging table into ``table``, idempotently.
+
+    One definition: ``bench``'s raw COPY baseline runs it too, so the ceiling it reports cannot
+    drift from what the sink really does.
+    """
+    cols = ", ".join(COLUMNS)
+    return f"INSERT INTO {table} ({cols}) SELECT {cols} FROM pg_temp.{STAGE_TABLE} ON CONFLICT (message_id) DO NOTHING"
+
+
 async def create_stage_table(conn: asyncpg.Connection, table: str) -> None:
     """Pool ``init`` hook: the staging table lives as long as its connection."""
     await conn.execute(
@@ -80,11 +90,7 @@ class CopySink:
         self.pool, self.table, self.inbox, self.acker, self.stats = pool, table, inbox, acker, stats
         self.batch_size, self.batch_timeout = batch_size, batch_timeout
         self.healthy = True
-        cols = ", ".join(COLUMNS)
-        self._insert = (
-            f"INSERT INTO {table} ({cols}) SELECT {cols} FROM pg_temp.{STAGE_TABLE} "
-            "ON CONFLICT (message_id) DO NOTHING"
-        )
+        self._insert = upsert_sql(table)
 
     async def run(self) -> None:
         """Batch rows by size or age; while one batch commits, the next one fills.

@@ -113,7 +113,7 @@ async def _phase_core(settings: Settings, bodies: list[str]) -> dict:
     import asyncpg
 
     from stages.masking import Masker, parse_key
-    from stages.sink import STAGE_TABLE, CopySink, create_stage_table
+    from stages.sink import STAGE_TABLE, CopySink, create_stage_table, upsert_sql
     from stages.transform import COLUMNS, Transformer, to_row
 
     from ...metrics import Stats
@@ -136,8 +136,7 @@ async def _phase_core(settings: Settings, bodies: list[str]) -> dict:
     try:
         # Raw COPY-with-upsert: rows built beforehand, the same statements CopySink runs.
         rows = [to_row(m["Body"], m["MessageId"], int(sent), masker) for m in msgs]
-        cols = ", ".join(COLUMNS)
-        insert = f"INSERT INTO {table} ({cols}) SELECT {cols} FROM pg_temp.{STAGE_TABLE} ON CONFLICT (message_id) DO NOTHING"
+        insert = upsert_sql(table)
         await pool.execute(f"TRUNCATE {table}")
         meter = Meter()
         meter.start()
