@@ -19,6 +19,7 @@ import orjson
 
 from stages.masking import KeyError_, generate_key
 
+from . import aio
 from .harness.bench import add_arguments as bench_arguments
 from .harness.bench import command as bench_command
 from .check import check
@@ -103,13 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         return _fail(f"config: {exc}", EXIT_CONFIG)
     try:
-        import uvloop
-
-        runner = uvloop.run
-    except ImportError:  # pragma: no cover - platforms without uvloop
-        runner = asyncio.run
-    try:
-        return runner(COMMANDS[args.command](settings, args))
+        return aio.run(COMMANDS[args.command](settings, args))
     except ConfigError as exc:
         return _fail(f"config: {exc}", EXIT_CONFIG)
     except (PreflightError, KeyError_, RuntimeError) as exc:

@@ -25,19 +25,18 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import multiprocessing
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
+from . import aio
 from .settings import Settings
 
 __all__ = ["run_workers", "merge_summaries", "WorkerFailure", "RESTART_BUDGET", "RESTART_WINDOW_S", "BACKOFF_S"]
 
 log = logging.getLogger("pipeline")
 
-_MP = multiprocessing.get_context("spawn")
 # Runtime.stats attribute <- summary key: what the parent's progress bar and probes read.
 _STATS_FIELDS = (("received", "received"), ("inserted", "inserted"), ("duplicates", "duplicates"),
                  ("rejected", "rejected"), ("acked", "acked"), ("ack_failures", "ack_failures"),
@@ -131,13 +130,7 @@ def _worker(settings: Settings, until_empty: bool, index: int, log_level: str, c
             sender.cancel()
 
     try:
-        try:
-            import uvloop
-
-            summary = uvloop.run(main())
-        except ImportError:  # pragma: no cover
-            summary = asyncio.run(main())
-        conn.send(("summary", summary))
+        conn.send(("summary", aio.run(main())))
     except asyncio.CancelledError:  # a second SIGTERM: stopped at once, counts so far
         conn.send(("summary", rt.stats.summary()))
     except (PreflightError, KeyError_) as exc:  # configuration: a restart cannot fix it
@@ -165,11 +158,7 @@ class _Supervisor:
         self.pool = ThreadPoolExecutor(max_workers=2 * self.n + 2, thread_name_prefix="workers")
 
     def spawn(self, i: int) -> tuple[Any, Any]:
-        recv, send = _MP.Pipe(duplex=False)
-        p = _MP.Process(target=self.target, args=(self.settings, self.until_empty, i, self.level, send),
-                        name=f"pipeline-worker-{i}")
-        p.start()
-        send.close()
+        p, recv = aio.spawn(self.target, self.settings, self.until_empty, i, self.level, name=f"pipeline-worker-{i}")
         self.live[i] = p
         return p, recv
 
@@ -188,10 +177,9 @@ class _Supervisor:
         self.runtime.worker_restarts = self.restarts
 
     async def listen(self, i: int, pipe: Any) -> tuple[str, Any]:
-        loop = asyncio.get_running_loop()
         while True:
             try:
-                msg = await loop.run_in_executor(self.pool, pipe.recv)
+                msg = await aio.receive(pipe, self.pool)
             except (EOFError, OSError):
                 return "died", None
             if msg[0] == "stats":

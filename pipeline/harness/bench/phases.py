@@ -7,10 +7,10 @@ parent's event loop or clients leaks in (spawned, not forked).
 from __future__ import annotations
 
 import asyncio
-import multiprocessing
 import time
 from typing import Any, Callable
 
+from ... import aio
 from ...settings import Settings
 from .meter import Meter, merge
 
@@ -195,48 +195,34 @@ async def _until(event: asyncio.Event, tasks: list[asyncio.Task], timeout: float
         raise TimeoutError(f"phase did not finish within {timeout:.0f} s")
 
 
-def _child_main(conn: Any, fn_name: str, args: tuple) -> None:
+def _child_main(fn_name: str, args: tuple, conn: Any) -> None:
     """Entry point of a phase process: run the phase, send back its result (or its error)."""
     from ...logs import setup_logging
 
     setup_logging("WARNING")
     fn = globals()[fn_name]
     try:
-        try:
-            import uvloop
-
-            result = uvloop.run(fn(*args))
-        except ImportError:  # pragma: no cover
-            result = asyncio.run(fn(*args))
-        conn.send(("ok", result))
+        conn.send(("ok", aio.run(fn(*args))))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
     finally:
         conn.close()
 
 
-_MP = multiprocessing.get_context("spawn")
-
-
 class Child:
     """One phase process (spawned: nothing of the parent's event loop or clients leaks in)."""
 
     def __init__(self, fn_name: str, *args: Any) -> None:
-        self._recv, send = _MP.Pipe(duplex=False)
-        self.proc = _MP.Process(target=_child_main, args=(send, fn_name, args), daemon=True)
-        self.proc.start()
-        send.close()
+        self.proc, self._recv = aio.spawn(_child_main, fn_name, args, daemon=True)
 
     async def result(self) -> dict:
-        def wait() -> tuple[str, Any]:
-            try:
-                return self._recv.recv()
-            except EOFError:
-                return "error", f"phase process died (exit code {self.proc.exitcode})"
-            finally:
-                self.proc.join(10)
-
-        status, value = await asyncio.to_thread(wait)
+        try:
+            status, value = await aio.receive(self._recv)
+        except EOFError:
+            status, value = "died", None
+        await asyncio.to_thread(self.proc.join, 10)
+        if status == "died":
+            value = f"phase process died (exit code {self.proc.exitcode})"
         if status != "ok":
             raise RuntimeError(f"benchmark phase failed: {value}")
         return value
@@ -245,8 +231,8 @@ class Child:
 async def run_pipeline_phase(settings: Settings, expected: int, on_ready: Callable[[], Any] | None = None) -> dict:
     """(b) with ``pipeline.processes`` workers; their events and latencies are merged."""
     n = settings.pipeline.processes
-    shared = _MP.Value("q", 0)
-    ready = _MP.Event()
+    shared = aio.SPAWN.Value("q", 0)
+    ready = aio.SPAWN.Event()
     kids = [Child("_phase_pipeline", settings, expected, ready, shared) for _ in range(n)]
     if on_ready is not None:
         await asyncio.to_thread(ready.wait, 120)

@@ -7,6 +7,7 @@ import platform
 from datetime import datetime
 from typing import Any
 
+from ... import aio
 from ...settings import Settings
 from .meter import percentiles
 from .options import BenchOptions
@@ -44,12 +45,6 @@ def report(settings: Settings, cfg: Settings, info: dict, opts: BenchOptions, ph
         ratios["memory"] = m = _memory_summary(picked["memory"])
         met["memory_flat"] = m["growth_mb"] <= max(10.0, 0.1 * m["rss_mb_at_10pct"])
     s, p, pg = cfg.sqs, cfg.pipeline, cfg.postgres
-    try:
-        import uvloop  # noqa: F401
-
-        loop = "uvloop"
-    except ImportError:  # pragma: no cover
-        loop = "asyncio"
     return {
         "started": started.isoformat(timespec="seconds"),
         "machine": {
@@ -67,7 +62,7 @@ def report(settings: Settings, cfg: Settings, info: dict, opts: BenchOptions, ph
             "receivers": s.receivers, "ackers": s.ackers, "max_in_flight": s.max_in_flight,
             "wait_time_seconds": s.wait_time_seconds, "batch_size": p.batch_size,
             "batch_timeout": p.batch_timeout, "queue_size": p.queue_size, "pool_size": pg.pool_size,
-            "processes": p.processes, "event_loop": loop,
+            "processes": p.processes, "event_loop": aio.loop_name(),
         },
         "targets": TARGETS,
         "ratios": ratios,
