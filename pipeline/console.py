@@ -15,9 +15,9 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, TextIO
+from typing import Any, AsyncIterator, Callable, Iterator, TextIO
 
-__all__ = ["interactive", "invocation", "live_progress", "print_summary", "BarMath", "log_console"]
+__all__ = ["interactive", "invocation", "live_progress", "progress_bar", "print_summary", "BarMath", "log_console"]
 
 
 def interactive(stream: TextIO | None = None) -> bool:
@@ -46,6 +46,34 @@ def log_console(file: TextIO | None = None) -> Any:
     from rich.console import Console
 
     return Console(file=file or sys.stderr, soft_wrap=True)
+
+
+def _bar(*columns: Any) -> Any:
+    """The one rich progress bar: on stderr, never wrapped by rich, with what is printed to stderr meanwhile above it."""
+    from rich.progress import Progress
+
+    return Progress(*columns, console=log_console(sys.stderr), redirect_stdout=False, redirect_stderr=True)
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, description: str = "sending") -> Iterator[Callable[[int], None] | None]:
+    """Messages done of ``total`` (``loadgen``, ``bench`` filling its queues); yields ``advance(n)``.
+
+    Only on a terminal: elsewhere it yields None and nothing is drawn, so logs stay clean.
+    """
+    if not interactive():
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, ProgressColumn, TimeRemainingColumn
+    from rich.text import Text
+
+    class Rate(ProgressColumn):
+        def render(self, task: Any) -> Text:
+            return Text(f"{task.speed or 0:>7.0f} msg/s")
+
+    with _bar("{task.description}", BarColumn(), MofNCompleteColumn(), Rate(), TimeRemainingColumn()) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)
 
 
 class BarMath:
@@ -103,12 +131,11 @@ async def live_progress(runtime: Any, refresh: float = 0.25) -> AsyncIterator[No
     (the bar and the final table say the same) are hidden unless ``--log-level DEBUG``.
     The final frame shows the whole run's rate, the number the summary prints.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
-    console = log_console(sys.stderr)
-    progress = Progress(
+    progress = _bar(
         TextColumn("[bold]draining messages"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[detail]}"),
-        TimeElapsedColumn(), console=console, redirect_stdout=False, redirect_stderr=True,
+        TimeElapsedColumn(),
     )
     task = progress.add_task("drain", total=None, detail="")
     stats = runtime.stats

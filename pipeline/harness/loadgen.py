@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import sys
 from collections import Counter
 from typing import Any, Callable, Iterator
@@ -18,6 +17,7 @@ from typing import Any, Callable, Iterator
 import orjson
 from botocore.exceptions import BotoCoreError, ClientError
 
+from ..console import progress_bar
 from ..runner import sqs_client
 from ..sample import iter_bodies
 from ..settings import Settings
@@ -113,30 +113,6 @@ async def loadgen(
         "elapsed_s": round(elapsed, 3),
         "rate_per_s": round(total / elapsed, 1) if elapsed > 0 else 0.0,
     }
-
-
-@contextlib.contextmanager
-def progress_bar(total: int, description: str = "sending") -> Iterator[Callable[[int], None] | None]:
-    """A rich progress bar on stderr when it is a terminal; otherwise nothing (logs stay clean)."""
-    from ..console import interactive
-
-    if not interactive():
-        yield None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TimeRemainingColumn
-    from rich.text import Text
-
-    class Rate(ProgressColumn):
-        def render(self, task: Any) -> Text:
-            return Text(f"{task.speed or 0:>7.0f} msg/s")
-
-    with Progress(
-        "{task.description}", BarColumn(), MofNCompleteColumn(), Rate(), TimeRemainingColumn(),
-        console=Console(stderr=True, soft_wrap=True),  # rich must not cut a long line inside a word
-    ) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda n: bar.advance(task, n)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

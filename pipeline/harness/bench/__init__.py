@@ -32,7 +32,8 @@ from pathlib import Path
 import orjson
 
 from ...settings import Settings
-from ..loadgen import loadgen, progress_bar
+from ...console import progress_bar
+from ..loadgen import loadgen
 from .chart import chart
 from .options import MEMORY_COUNT, BenchOptions
 from .phases import Child, run_pipeline_phase
