@@ -17,7 +17,7 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 from .embedded import embedded
-from .runner import PreflightError, _sqs_problem, connect_postgres, masker_for, sqs_client
+from .runner import PreflightError, _sqs_problem, queue_pair_problem, connect_postgres, masker_for, sqs_client
 from .schema import inspect
 from .settings import Settings, default_config_path, redact_dsn
 
@@ -98,8 +98,7 @@ async def _check_sqs(f: Findings, settings: Settings) -> None:
                 f.fail("sqs dlq not configured (PIPELINE_SQS__DLQ_URL): rejected messages need a dead-letter queue")
                 return
             try:
-                dlq = (await client.get_queue_attributes(
-                    QueueUrl=s.dlq_url, AttributeNames=["ApproximateNumberOfMessages"]))["Attributes"]
+                dlq = (await client.get_queue_attributes(QueueUrl=s.dlq_url, AttributeNames=["All"]))["Attributes"]
             except (BotoCoreError, ClientError) as exc:
                 problem = _sqs_line(exc, "dlq", s.dlq_url, s.endpoint_url)
                 if s.create_dlq and problem.endswith("does not exist"):
@@ -107,7 +106,16 @@ async def _check_sqs(f: Findings, settings: Settings) -> None:
                 else:
                     f.fail(problem)
                 return
-            f.ok(f"sqs dlq {s.dlq_url} (visible={dlq.get('ApproximateNumberOfMessages', '?')})")
+            problem = queue_pair_problem(attrs, dlq)
+            if problem:
+                f.fail(f"sqs dlq {s.dlq_url}: {problem}")
+                return
+            f.ok(f"sqs dlq {s.dlq_url} (visible={dlq.get('ApproximateNumberOfMessages', '?')}, "
+                 f"{'FIFO' if dlq.get('FifoQueue') == 'true' else 'standard'} like the source)")
+            src_max, dlq_max = int(attrs.get("MaximumMessageSize", 0)), int(dlq.get("MaximumMessageSize", 0))
+            if dlq_max and src_max and dlq_max < src_max:
+                f.fail(f"sqs dlq MaximumMessageSize is {dlq_max} bytes, below the source's {src_max}: "
+                       "larger rejects would be refused by the DLQ and stay on the source queue")
     except TimeoutError:
         f.fail(f"sqs endpoint {s.endpoint_url or 'AWS'} did not answer within {TIMEOUT:g} s")
     except (BotoCoreError, ClientError, OSError) as exc:

@@ -154,6 +154,11 @@ async def _run(settings: Settings, args: argparse.Namespace) -> int:
                 f"Look at them with: {invocation()} show",
                 file=sys.stderr,
             )
+    stuck = summary.get("not_dead_lettered") or {}
+    if stuck and args.until_empty:  # they are still on the source queue: it could not be emptied
+        why = ", ".join(f"{n} by {code}" for code, n in sorted(stuck.items()))
+        return _fail(f"{sum(stuck.values())} message(s) could not be dead-lettered (refused {why}); "
+                     "they stay on the source queue until the DLQ accepts them", EXIT_FAILURE)
     return 0
 
 

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import socket
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
@@ -24,10 +25,12 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
 
-from stages.acker import Acker, Heartbeat, Leases, release
+from stages.acker import Acker
+from stages.leases import Heartbeat, Leases, release
 from stages.masking import KeyError_, Masker
 from stages.sink import CopySink, create_stage_table
 from stages.source import SqsSource
+from stages.sqs import is_fifo, queue_name
 from stages.transform import Transformer
 
 from .keyring import load_masker
@@ -89,7 +92,8 @@ def _sqs_problem(exc: BaseException, what: str, url: str, endpoint: str) -> Pref
 
 
 async def check_queues(client: Any, settings: Settings) -> dict[str, str]:
-    """Attributes of the source queue; the DLQ must exist too (created if ``create_dlq``)."""
+    """Attributes of the source queue; the DLQ must exist too (created if ``create_dlq``), differ from
+    the source and be of its type (standard or FIFO)."""
     s = settings.sqs
     if not s.dlq_url:
         raise PreflightError("sqs.dlq_url is not set (PIPELINE_SQS__DLQ_URL): rejected messages need a dead-letter queue")
@@ -98,16 +102,37 @@ async def check_queues(client: Any, settings: Settings) -> dict[str, str]:
     except (BotoCoreError, ClientError) as exc:
         raise _sqs_problem(exc, "queue", s.queue_url, s.endpoint_url) from None
     try:
-        await client.get_queue_attributes(QueueUrl=s.dlq_url, AttributeNames=["QueueArn"])
+        dlq = (await client.get_queue_attributes(QueueUrl=s.dlq_url, AttributeNames=["All"]))["Attributes"]
     except ClientError as exc:
         problem = _sqs_problem(exc, "dead-letter queue", s.dlq_url, s.endpoint_url)
         if not (s.create_dlq and str(problem).endswith("does not exist")):
             raise problem from None
-        await client.create_queue(QueueName=s.dlq_url.rstrip("/").rsplit("/", 1)[-1])
+        fifo = {"FifoQueue": "true"} if is_fifo(s.dlq_url) else {}
+        try:
+            await client.create_queue(QueueName=queue_name(s.dlq_url), Attributes=fifo)
+        except (BotoCoreError, ClientError) as exc:
+            raise _sqs_problem(exc, "creating the dead-letter queue", s.dlq_url, s.endpoint_url) from None
         log.info("created dead-letter queue", extra={"dlq_url": s.dlq_url})
+        return attrs
     except BotoCoreError as exc:
         raise _sqs_problem(exc, "dead-letter queue", s.dlq_url, s.endpoint_url) from None
+    problem = queue_pair_problem(attrs, dlq)
+    if problem:
+        raise PreflightError(problem)
     return attrs
+
+
+def queue_pair_problem(source: dict[str, str], dlq: dict[str, str]) -> str | None:
+    """Why this DLQ cannot take this source's dead letters, judged from both queues' attributes."""
+    if source.get("QueueArn") and source.get("QueueArn") == dlq.get("QueueArn"):
+        return (f"the dead-letter queue is the source queue ({source['QueueArn']}): rejected messages would "
+                "come straight back; set sqs.dlq_url to another queue")
+    src_fifo, dlq_fifo = source.get("FifoQueue") == "true", dlq.get("FifoQueue") == "true"
+    if src_fifo != dlq_fifo:
+        kind = {True: "FIFO", False: "standard"}
+        return (f"the source queue is {kind[src_fifo]} but the dead-letter queue is {kind[dlq_fifo]}: "
+                "a DLQ must be of its source's type")
+    return None
 
 
 async def connect_postgres(settings: Settings, timeout: float = 10) -> asyncpg.Connection:
@@ -155,6 +180,7 @@ class Runtime:
     queues: dict[str, asyncio.Queue] = field(default_factory=dict)
     source: SqsSource | None = None
     sink: CopySink | None = None
+    acker: Acker | None = None
     client: Any = None
     pool: asyncpg.Pool | None = None
     running: bool = False
@@ -205,7 +231,7 @@ async def run(
         sink = rt.sink = CopySink(
             pool, table, rows, acks, stats, batch_size=p.batch_size, batch_timeout=p.batch_timeout,
         )
-        acker = Acker(client, s.queue_url, s.dlq_url, acks, leases, stats, s.ackers)
+        acker = rt.acker = Acker(client, s.queue_url, s.dlq_url, acks, leases, stats, s.ackers)
         heartbeat = Heartbeat(client, s.queue_url, leases, stats, s.visibility_timeout or 30)
 
         source_task = asyncio.create_task(source.run(), name="source")
@@ -246,6 +272,8 @@ async def run(
             if len(leases):
                 await release(client, s.queue_url, leases, stats)
     summary = stats.summary()
+    # Distinct messages whose dead letter SQS refused for good, by error code: they are still on the source queue.
+    summary["not_dead_lettered"] = dict(Counter(acker.refused.values()))
     log.info("pipeline stopped", extra=summary)
     return summary
 
@@ -277,6 +305,10 @@ def _idle(rt: Runtime) -> bool:
 async def _until_empty(rt: Runtime, stop: asyncio.Event, interval: float = 0.5) -> None:
     """Stop once the queue has nothing visible, in flight or delayed, and we hold nothing.
 
+    Nothing, that is, but the messages whose dead letters SQS refused: they return after each
+    visibility timeout and are refused again, so waiting for them would never end. The run then
+    ends and the CLI reports them (``not_dead_lettered``) with a non-zero exit.
+
     Messages in flight elsewhere (a crashed consumer's) count: we wait for them to become
     visible again and process them, so a restart after a crash really drains the queue.
     """
@@ -290,7 +322,9 @@ async def _until_empty(rt: Runtime, stop: asyncio.Event, interval: float = 0.5) 
             log.warning("queue attributes unavailable", extra={"error": type(exc).__name__})
             quiet = 0
             continue
-        if not any(rt.backlog.values()) and _idle(rt):
+        # Messages whose dead letter SQS refused stay on the queue for good: they must not keep us waiting.
+        refused = len(rt.acker.refused) if rt.acker is not None else 0
+        if sum(rt.backlog.values()) <= refused and _idle(rt):
             quiet += 1
             if quiet >= 2:
                 stop.set()

@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from stages.sqs import derived_dlq_url
+
 from .dsn import dsn_hint, dsn_problem, dsn_targets, redact_dsn, scrub_dsn_secrets  # noqa: F401 - re-exported
 
 __all__ = ["Settings", "ConfigError", "load_settings", "redact_dsn", "scrub_dsn_secrets", "dsn_targets", "dsn_hint",
@@ -82,8 +84,15 @@ class SqsSettings(_Section):
     def _default_dlq(cls, data: Any) -> Any:
         """No DLQ configured: use ``<queue_url>-dlq`` (created if missing), never drop rejects."""
         if isinstance(data, dict) and data.get("queue_url") and not data.get("dlq_url"):
-            data = {**data, "dlq_url": str(data["queue_url"]).rstrip("/") + "-dlq"}
+            data = {**data, "dlq_url": derived_dlq_url(str(data["queue_url"]))}
         return data
+
+    @model_validator(mode="after")
+    def _dlq_is_not_the_source(self) -> SqsSettings:
+        """Rejects sent back to the queue they came from would loop forever."""
+        if self.queue_url and self.dlq_url.rstrip("/") == self.queue_url.rstrip("/"):
+            raise ValueError("sqs.dlq_url is the source queue itself: rejected messages would come straight back")
+        return self
 
 
 class PostgresSettings(_Section):

@@ -25,6 +25,7 @@ from tenacity import AsyncRetrying, retry_if_exception
 
 from . import backoff
 from .acker import Committed, DeadLetter, Redeliver
+from .pgerrors import PgFault, classify, sqlstate
 from .stats import Stats
 from .transform import COLUMNS
 
@@ -35,34 +36,8 @@ log = logging.getLogger("pipeline.sink")
 STAGE_TABLE = "pipeline_stage"
 
 
-# SQLSTATE classes raised because of what is in a row, but not necessarily for good: triggers
-# and routines raising (P0, 2F, 38, 39, 09, 27), cardinality, check option, program limits.
-_SUSPECT_CLASSES = frozenset(("P0", "2F", "38", "39", "09", "27", "21", "44", "54"))
-
-
-def _sqlstate_class(exc: BaseException) -> str:
-    return str(getattr(exc, "sqlstate", "") or "")[:2]
-
-
-def _is_row_error(exc: BaseException) -> bool:
-    return isinstance(exc, asyncpg.PostgresError) and _sqlstate_class(exc) in ("22", "23")
-
-
-def _is_suspect(exc: BaseException) -> bool:
-    """Probably caused by one row; bisect, then leave that row for redelivery (and poison counting)."""
-    if isinstance(exc, asyncpg.PostgresError):
-        return _sqlstate_class(exc) in _SUSPECT_CLASSES
-    return isinstance(exc, (ValueError, TypeError))  # the driver could not encode a value (e.g. a surrogate)
-
-
-# A connection lost mid-COPY can surface as InternalClientError ("waiter is not done while
-# handling critical protocol error"): asyncpg aborts that connection, so a retry gets a new one.
-_CONNECTION_ERRORS = (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError,
-                      asyncpg.InternalClientError)
-
-
 def _is_transient(exc: BaseException) -> bool:
-    return isinstance(exc, _CONNECTION_ERRORS) and not _is_row_error(exc) and not _is_suspect(exc)
+    return classify(exc) is PgFault.TRANSIENT
 
 
 def upsert_sql(table: str) -> str:
@@ -183,13 +158,16 @@ class CopySink:
         """(rows inserted, dead letters, messages left for redelivery); transient errors raise."""
         try:
             return await self._write(rows), [], []
-        except (asyncpg.PostgresError, ValueError, TypeError) as exc:
-            row_error = _is_row_error(exc)
-            if not row_error and not _is_suspect(exc):
-                raise
+        except Exception as exc:  # noqa: BLE001 - classified below, re-raised unless it is about rows
+            fault = classify(exc)
+            match fault:
+                case PgFault.TRANSIENT | PgFault.FATAL:
+                    raise
+                case PgFault.ROW | PgFault.SUSPECT:
+                    pass
             if len(rows) == 1:
-                state = getattr(exc, "sqlstate", None) or "client"
-                if not row_error:
+                state = sqlstate(exc) or "client"
+                if fault is PgFault.SUSPECT:
                     log.warning("row failed, leaving it for redelivery",
                                 extra={"sqlstate": state, "error": type(exc).__name__, "message_id": msgs[0]["MessageId"]})
                     return 0, [], [msgs[0]]

@@ -1,0 +1,77 @@
+"""Heartbeat, release and the source's backoff against the in-memory SQS fake."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from stages import backoff
+from stages.leases import Heartbeat, Leases, release
+from stages.source import SqsSource
+from stages.stats import Stats
+from tests.sqs_fake import FakeSqs, client_error, failed_entry, message
+
+
+async def test_heartbeat_extends_only_stale_leases() -> None:
+    # CASE: leases older than half the timeout are extended (and their clock reset); fresh ones are not
+    sqs, stats, leases = FakeSqs(), Stats(), Leases(100)
+    leases.add([message(1), message(2)])
+    leases.held["h-1"] = time.monotonic() - 100
+    await Heartbeat(sqs, "q", leases, stats, 30).beat()
+    assert sqs.handles("visibility") == ["h-1"] and stats.extended == 1
+    assert time.monotonic() - leases.held["h-1"] < 5
+    assert sqs.calls["visibility"][0]["Entries"][0]["VisibilityTimeout"] == 30
+
+
+async def test_heartbeat_failure_is_counted_and_leaves_leases() -> None:
+    # CASE: the extension call fails -> an sqs error is counted, the lease stays (retried next beat)
+    sqs, stats, leases = FakeSqs().then("visibility", client_error("InternalError", status=500)), Stats(), Leases(100)
+    leases.add([message(1)])
+    leases.held["h-1"] = 0.0
+    await Heartbeat(sqs, "q", leases, stats, 30).beat()
+    assert stats.errors["sqs"] == 1 and stats.extended == 0 and "h-1" in leases.held
+
+
+async def test_release_makes_everything_visible_and_counts_successes() -> None:
+    # CASE: release -> visibility 0 in tens; only successful entries count as released; all leases dropped
+    sqs = FakeSqs().then("visibility", {"Successful": [{"Id": str(i)} for i in range(9)],
+                                        "Failed": [failed_entry("9", "ReceiptHandleIsInvalid", True)]})
+    stats, leases = Stats(), Leases(100)
+    leases.add([message(i) for i in range(15)])
+    await release(sqs, "q", leases, stats)
+    assert [len(c["Entries"]) for c in sqs.calls["visibility"]] == [10, 5]
+    assert all(e["VisibilityTimeout"] == 0 for c in sqs.calls["visibility"] for e in c["Entries"])
+    assert stats.released == 14 and len(leases) == 0
+
+
+async def test_leases_reserve_waits_for_room() -> None:
+    # CASE: the in-flight cap blocks reserve() until a drop makes room
+    leases = Leases(10)
+    leases.add([message(i) for i in range(5)])
+    await leases.reserve(5)
+    waiter = asyncio.create_task(leases.reserve(5))
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    leases.unreserve(5)
+    await asyncio.wait_for(waiter, 1)
+
+
+async def test_source_backs_off_on_failures_then_recovers(monkeypatch: pytest.MonkeyPatch) -> None:
+    # CASE: receive fails -> last_poll_ok False, backoff grows per failure; a success resets both
+    sleeps: list[int] = []
+    monkeypatch.setattr(backoff, "delay", lambda attempt: sleeps.append(attempt) or 0.0)
+    sqs = FakeSqs().then("receive", client_error("ServiceUnavailable", "ReceiveMessage", 503),
+                         client_error("ServiceUnavailable", "ReceiveMessage", 503))
+    sqs.inbox.append([message(1), message(2)])
+    stats, leases, out = Stats(), Leases(100), asyncio.Queue()
+    source = SqsSource(sqs, "q", out, leases, stats, receivers=1, wait_time_seconds=0)
+    task = asyncio.create_task(source.run())
+    batch = await asyncio.wait_for(out.get(), 5)
+    source.stop(finish_calls=False)
+    await asyncio.gather(task, return_exceptions=True)
+    assert [m["MessageId"] for m in batch] == ["m-1", "m-2"]
+    assert sleeps[:2] == [1, 2] and stats.errors["sqs"] == 2 and source.last_poll_ok
+    assert set(leases.held) == {"h-1", "h-2"}
+    assert "MessageGroupId" in sqs.calls["receive"][0]["MessageSystemAttributeNames"]
