@@ -26,6 +26,7 @@ from typing import AsyncIterator
 from pydantic import SecretStr
 
 from stages.masking import generate_key
+from stages.sqs import chunks
 
 from .sample import MALFORMED, WRONG_TYPE, sample_bodies
 from .settings import Settings
@@ -158,11 +159,9 @@ async def _queues(settings: Settings, endpoint: str, state: Path) -> dict[str, s
         marker = state / "seeded"
         if not marker.exists():
             bodies = sample_bodies(settings.pipeline.sample_size, seed=2026) + [WRONG_TYPE, *MALFORMED]
-            for i in range(0, len(bodies), 10):
+            for batch in chunks(bodies):
                 await c.send_message_batch(
-                    QueueUrl=queue_url,
-                    Entries=[{"Id": str(j), "MessageBody": b} for j, b in enumerate(bodies[i : i + 10])],
-                )
+                    QueueUrl=queue_url, Entries=[{"Id": str(j), "MessageBody": b} for j, b in enumerate(batch)])
             marker.write_text(f"{len(bodies)}\n")
             log.info("seeded the embedded queue with a sample", extra={"messages": len(bodies)})
         else:

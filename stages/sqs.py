@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
+from itertools import islice
 from typing import Any, TypeVar
 
 from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
@@ -102,10 +103,14 @@ def describe(exc: BaseException | None) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def chunks(items: Sequence[T], size: int = MAX_BATCH) -> Iterator[Sequence[T]]:
-    """Consecutive slices of at most ``size``: SQS batch calls take 10 entries."""
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
+def chunks(items: Iterable[T], size: int = MAX_BATCH) -> Iterator[list[T]]:
+    """Consecutive lists of at most ``size``: SQS batch calls take 10 entries.
+
+    Lazy, so chunking a generator (``loadgen``'s millions of bodies) never holds it all.
+    """
+    it = iter(items)
+    while batch := list(islice(it, size)):
+        yield batch
 
 
 def send_batches(items: list[T], body: Callable[[T], str], overhead: int = 1024,

@@ -17,6 +17,8 @@ from typing import Any, Callable, Iterator
 import orjson
 from botocore.exceptions import BotoCoreError, ClientError
 
+from stages.sqs import chunks
+
 from ..console import progress_bar
 from ..runner import sqs_client
 from ..sample import iter_bodies
@@ -33,16 +35,9 @@ def producer_client(settings: Settings, concurrency: int) -> Any:
 
 
 def _batches(bodies: Iterator[tuple[str, str]]) -> Iterator[tuple[list[dict], Counter]]:
-    entries: list[dict] = []
-    kinds: Counter = Counter()
-    for kind, body in bodies:
-        entries.append({"Id": str(len(entries)), "MessageBody": body})
-        kinds[kind] += 1
-        if len(entries) == 10:
-            yield entries, kinds
-            entries, kinds = [], Counter()
-    if entries:
-        yield entries, kinds
+    """``SendMessageBatch`` entries and how many of each kind they hold, ten bodies at a time, lazily."""
+    for batch in chunks(bodies):
+        yield [{"Id": str(i), "MessageBody": body} for i, (_, body) in enumerate(batch)], Counter(k for k, _ in batch)
 
 
 async def loadgen(

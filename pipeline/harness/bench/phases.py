@@ -114,6 +114,7 @@ async def _phase_core(settings: Settings, bodies: list[str]) -> dict:
 
     from stages.masking import Masker, parse_key
     from stages.sink import STAGE_TABLE, CopySink, create_stage_table, upsert_sql
+    from stages.sqs import chunks
     from stages.transform import COLUMNS, Transformer, to_row
 
     from ...metrics import Stats
@@ -125,7 +126,7 @@ async def _phase_core(settings: Settings, bodies: list[str]) -> dict:
     sent = str(int(time.time() * 1000))
     msgs = [{"MessageId": f"m-{i}", "ReceiptHandle": f"h-{i}", "Body": b,
              "Attributes": {"SentTimestamp": sent, "ApproximateReceiveCount": "1"}} for i, b in enumerate(bodies)]
-    batches = [msgs[i : i + 10] for i in range(0, len(msgs), 10)]
+    batches = list(chunks(msgs))
     dsn = settings.postgres.dsn.get_secret_value()
     conn = await asyncpg.connect(dsn)
     await migrate(conn, table)
@@ -142,8 +143,7 @@ async def _phase_core(settings: Settings, bodies: list[str]) -> dict:
         meter.start()
         meter.working()
         async with pool.acquire() as c:
-            for i in range(0, len(rows), p.batch_size):
-                chunk = rows[i : i + p.batch_size]
+            for chunk in chunks(rows, p.batch_size):
                 async with c.transaction():
                     await c.copy_records_to_table(STAGE_TABLE, records=chunk, columns=COLUMNS, schema_name="pg_temp")
                     await c.execute(insert)

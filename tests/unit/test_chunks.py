@@ -1,0 +1,29 @@
+"""``stages.sqs.chunks``: the one splitter into SQS batches, for lists and for lazy generators alike."""
+
+from __future__ import annotations
+
+import collections
+import itertools
+
+from pipeline.harness.loadgen import _batches
+from stages.sqs import chunks
+
+
+def test_lists_split_into_tens_and_a_rest() -> None:
+    assert [len(c) for c in chunks(list(range(25)))] == [10, 10, 5]
+    assert list(chunks([])) == []
+    assert list(chunks("abcde", 2)) == [["a", "b"], ["c", "d"], ["e"]]
+
+
+def test_a_generator_is_never_drawn_ahead() -> None:
+    drawn = itertools.count()
+    first = next(chunks(next(drawn) for _ in itertools.repeat(None)))
+    assert first == list(range(10)) and next(drawn) == 10  # an endless source: only ten were taken
+
+
+def test_loadgen_batches_count_kinds() -> None:
+    bodies = iter([("valid", "a"), ("invalid", "b")] * 6)
+    batches = list(_batches(bodies))
+    assert [len(e) for e, _ in batches] == [10, 2]
+    assert [e["Id"] for e in batches[1][0]] == ["0", "1"]
+    assert sum((k for _, k in batches), start=collections.Counter()) == {"valid": 6, "invalid": 6}
