@@ -17,7 +17,8 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 from .embedded import embedded
-from .runner import PreflightError, _sqs_problem, queue_pair_problem, connect_postgres, masker_for, sqs_client
+from .runner import (PreflightError, _sqs_problem, backlog_of, connect_postgres, masker_for, queue_pair_problem,
+                     sqs_client)
 from .schema import inspect
 from .settings import Settings, default_config_path, redact_dsn
 
@@ -90,9 +91,8 @@ async def _check_sqs(f: Findings, settings: Settings) -> None:
             except (BotoCoreError, ClientError) as exc:
                 f.fail(_sqs_line(exc, "queue", s.queue_url, s.endpoint_url))
                 return
-            f.ok(f"sqs queue {s.queue_url} (visible={attrs.get('ApproximateNumberOfMessages', '?')}, "
-                 f"in_flight={attrs.get('ApproximateNumberOfMessagesNotVisible', '?')}, "
-                 f"delayed={attrs.get('ApproximateNumberOfMessagesDelayed', '?')}, "
+            backlog = ", ".join(f"{k}={v}" for k, v in backlog_of(attrs).items())
+            f.ok(f"sqs queue {s.queue_url} ({backlog}, "
                  f"visibility_timeout={attrs.get('VisibilityTimeout', '?')}s)")
             if not s.dlq_url:
                 f.fail("sqs dlq not configured (PIPELINE_SQS__DLQ_URL): rejected messages need a dead-letter queue")
@@ -110,7 +110,7 @@ async def _check_sqs(f: Findings, settings: Settings) -> None:
             if problem:
                 f.fail(f"sqs dlq {s.dlq_url}: {problem}")
                 return
-            f.ok(f"sqs dlq {s.dlq_url} (visible={dlq.get('ApproximateNumberOfMessages', '?')}, "
+            f.ok(f"sqs dlq {s.dlq_url} (visible={backlog_of(dlq)['visible']}, "
                  f"{'FIFO' if dlq.get('FifoQueue') == 'true' else 'standard'} like the source)")
             src_max, dlq_max = int(attrs.get("MaximumMessageSize", 0)), int(dlq.get("MaximumMessageSize", 0))
             if dlq_max and src_max and dlq_max < src_max:

@@ -285,17 +285,21 @@ async def _drain(source_task: asyncio.Task, raw: asyncio.Queue, stage_tasks: lis
     await asyncio.gather(*stage_tasks)
 
 
+# The queue's backlog as SQS reports it (approximate), under the names the summary, /metrics and check use.
+BACKLOG_ATTRIBUTES = {"visible": "ApproximateNumberOfMessages", "in_flight": "ApproximateNumberOfMessagesNotVisible",
+                      "delayed": "ApproximateNumberOfMessagesDelayed"}
+
+
+def backlog_of(attrs: dict[str, str]) -> dict[str, int]:
+    """``visible``, ``in_flight`` and ``delayed`` from a ``GetQueueAttributes`` answer."""
+    return {name: int(attrs.get(attr, 0)) for name, attr in BACKLOG_ATTRIBUTES.items()}
+
+
 async def queue_backlog(client: Any, queue_url: str) -> dict[str, int]:
+    """The queue's backlog; raises what ``GetQueueAttributes`` raises (a missing queue included)."""
     attrs = (await client.get_queue_attributes(
-        QueueUrl=queue_url,
-        AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible",
-                        "ApproximateNumberOfMessagesDelayed"],
-    ))["Attributes"]
-    return {
-        "visible": int(attrs.get("ApproximateNumberOfMessages", 0)),
-        "in_flight": int(attrs.get("ApproximateNumberOfMessagesNotVisible", 0)),
-        "delayed": int(attrs.get("ApproximateNumberOfMessagesDelayed", 0)),
-    }
+        QueueUrl=queue_url, AttributeNames=list(BACKLOG_ATTRIBUTES.values())))["Attributes"]
+    return backlog_of(attrs)
 
 
 def _idle(rt: Runtime) -> bool:

@@ -128,7 +128,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 async def command(settings: Settings, args: argparse.Namespace) -> int:
     """``python -m pipeline loadgen``: a JSON summary on stdout, a progress bar on a terminal."""
-    from ..runner import PreflightError, _sqs_problem
+    from ..runner import PreflightError, _sqs_problem, queue_backlog
     from ..console import invocation
 
     problems = [
@@ -148,7 +148,7 @@ async def command(settings: Settings, args: argparse.Namespace) -> int:
     s = settings.sqs
     async with producer_client(settings, args.concurrency) as client:
         try:
-            await client.get_queue_attributes(QueueUrl=s.queue_url, AttributeNames=["QueueArn"])
+            await queue_backlog(client, s.queue_url)  # the queue exists and answers, before any send
         except (BotoCoreError, ClientError) as exc:
             raise _sqs_problem(exc, "queue", s.queue_url, s.endpoint_url) from None
         with progress_bar(args.count) as on_sent:
