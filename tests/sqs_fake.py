@@ -41,15 +41,15 @@ class FakeSqs:
 
     async def _answer(self, op: str, request: dict, default: Any) -> dict:
         self.calls[op].append(request)
-        if self.latency:
-            await asyncio.sleep(self.latency)
+        await asyncio.sleep(self.latency)  # a real call always yields to the loop, however fast
         if self.script[op]:
             answer = self.script[op].popleft()
             if isinstance(answer, BaseException):
                 raise answer
             result = answer(request) if callable(answer) else answer
             return await result if asyncio.iscoroutine(result) else result
-        return default(request)
+        result = default(request)
+        return await result if asyncio.iscoroutine(result) else result
 
     @staticmethod
     def _all_ok(request: dict) -> dict:
@@ -67,8 +67,11 @@ class FakeSqs:
         return await self._answer("visibility", request, self._all_ok)
 
     async def receive_message(self, **request: Any) -> dict:
-        def from_inbox(req: dict) -> dict:
-            return {"Messages": self.inbox.popleft()} if self.inbox else {}
+        async def from_inbox(req: dict) -> dict:
+            if not self.inbox:
+                await asyncio.sleep(0.01)  # an empty long poll takes a while
+                return {}
+            return {"Messages": self.inbox.popleft()}
         return await self._answer("receive", request, from_inbox)
 
     async def get_queue_attributes(self, **request: Any) -> dict:
