@@ -17,8 +17,8 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 from .embedded import embedded
-from .runner import (PreflightError, _sqs_problem, backlog_of, connect_postgres, masker_for, queue_pair_problem,
-                     sqs_client)
+from .clients import sqs_problem, backlog_of, connect_postgres, masker_for, queue_pair_problem, sqs_client
+from .errors import PreflightError
 from .schema import inspect
 from .settings import Settings, default_config_path, redact_dsn
 
@@ -123,7 +123,7 @@ async def _check_sqs(f: Findings, settings: Settings) -> None:
 
 
 def _sqs_line(exc: BaseException, what: str, url: str, endpoint: str) -> str:
-    line = str(_sqs_problem(exc, what, url, endpoint))
+    line = str(sqs_problem(exc, what, url, endpoint))
     return line if line.lower().startswith("sqs") else f"sqs {line}"
 
 

@@ -9,7 +9,7 @@ on one line.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 from botocore.exceptions import (
@@ -22,9 +22,19 @@ from botocore.exceptions import (
 )
 
 from .dsn import scrub_dsn_secrets
-from .settings import Settings
 
-__all__ = ["describe"]
+if TYPE_CHECKING:
+    from .settings import Settings
+
+__all__ = ["PreflightError", "EXIT_CONFIG", "EXIT_FAILURE", "describe", "MIGRATE_HINT"]
+
+EXIT_FAILURE = 1  # a dependency or an input failed
+EXIT_CONFIG = 2  # the configuration is unusable
+
+
+class PreflightError(Exception):
+    """A dependency is missing or unreachable; one line for the operator."""
+
 
 MIGRATE_HINT = "run `python -m pipeline migrate` or `run`"
 

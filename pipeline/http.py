@@ -20,6 +20,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
+from .errors import PreflightError
 from .metrics import registry_for
 
 __all__ = ["serve", "Readiness"]
@@ -117,7 +118,7 @@ def make_app(runtime: Any, registry: CollectorRegistry | None = None) -> web.App
 @contextlib.asynccontextmanager
 async def serve(runtime: Any, host: str, port: int) -> AsyncIterator[web.AppRunner]:
     """Serve ``runtime``'s endpoint on ``host:port`` until the block exits."""
-    from .runner import PreflightError  # the runner imports this module lazily, too
+
 
     runner = web.AppRunner(make_app(runtime), access_log=None, handle_signals=False, shutdown_timeout=1)
     await runner.setup()

@@ -32,7 +32,8 @@ from stages.message import (
 from stages.sqs import describe as _describe, send_batches
 
 from .keyring import with_local_key
-from .runner import PreflightError, check_queues, masker_for, sqs_client
+from .clients import check_queues, masker_for, sqs_client
+from .errors import PreflightError
 from .settings import Settings
 
 __all__ = ["redrive"]

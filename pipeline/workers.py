@@ -91,7 +91,8 @@ def _worker(settings: Settings, until_empty: bool, index: int, log_level: str, c
     from stages.masking import KeyError_
 
     from .logs import setup_logging
-    from .runner import PreflightError, Runtime, run
+    from .errors import PreflightError
+    from .runner import Runtime, run
 
     setup_logging(log_level)
 
@@ -211,7 +212,7 @@ class _Supervisor:
             if kind == "summary":
                 return
             if kind == "fatal":
-                from .runner import PreflightError
+                from .errors import PreflightError
 
                 self.fatal = self.fatal or PreflightError(payload)
                 self.stop.set()  # the others drain and stop too

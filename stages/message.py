@@ -25,19 +25,24 @@ import base64
 import hashlib
 import hmac
 import struct
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
-if TYPE_CHECKING:
-    from .masking import MaskingKey
 
 __all__ = [
     "ORIGIN_ID", "ORIGIN_SENT", "ORIGIN_SIG", "ORIGIN_ATTRIBUTES", "UNAUTHENTICATED",
     "DL_REASON", "DL_RULE", "DL_SOURCE_ID", "DL_SOURCE_SENT", "DL_SOURCE_QUEUE", "DEAD_LETTER_ATTRIBUTES",
     "origin", "has_origin", "strip_origin", "valid_sent", "OriginAuth",
 ]
+
+
+class _RingKey(Protocol):
+    """A key of the masking ring (``stages.masking.MaskingKey``), as far as origin MACs need it."""
+
+    key_id: str
+    secret: bytes
+
 
 # Set only by `python -m pipeline redrive` on a dead letter it puts back (the source asks for these).
 ORIGIN_ID, ORIGIN_SENT, ORIGIN_SIG = "origin_message_id", "origin_sent_timestamp", "origin_signature"
@@ -110,7 +115,7 @@ class OriginAuth:
 
     __slots__ = ("active", "_keys")
 
-    def __init__(self, keys: list[MaskingKey], active: str) -> None:
+    def __init__(self, keys: list[_RingKey], active: str) -> None:
         self._keys = {
             k.key_id: HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_INFO).derive(k.secret) for k in keys
         }

@@ -20,7 +20,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from stages.sqs import chunks
 
 from ..console import progress_bar
-from ..runner import sqs_client
+from ..clients import sqs_client
 from ..sample import iter_bodies
 from ..settings import Settings
 
@@ -128,7 +128,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 async def command(settings: Settings, args: argparse.Namespace) -> int:
     """``python -m pipeline loadgen``: a JSON summary on stdout, a progress bar on a terminal."""
-    from ..runner import PreflightError, _sqs_problem, queue_backlog
+    from ..clients import sqs_problem, queue_backlog
+    from ..errors import PreflightError
     from ..console import invocation
 
     problems = [
@@ -150,7 +151,7 @@ async def command(settings: Settings, args: argparse.Namespace) -> int:
         try:
             await queue_backlog(client, s.queue_url)  # the queue exists and answers, before any send
         except (BotoCoreError, ClientError) as exc:
-            raise _sqs_problem(exc, "queue", s.queue_url, s.endpoint_url) from None
+            raise sqs_problem(exc, "queue", s.queue_url, s.endpoint_url) from None
         with progress_bar(args.count) as on_sent:
             summary = await loadgen(
                 settings, count=args.count, rate=args.rate, invalid_ratio=args.invalid_ratio,

@@ -14,7 +14,8 @@ from typing import Any
 import orjson
 import pytest
 
-from pipeline.runner import PreflightError, Runtime, run
+from pipeline.errors import PreflightError
+from pipeline.runner import Runtime, run
 from pipeline.sample import sample_bodies
 from stages.masking import generate_key
 from tests.conftest import Queues
@@ -189,7 +190,7 @@ async def test_dlq_deleted_mid_run_does_not_stall_acks(queues: Queues, pg_dsn: s
 
 def test_preflight_error_for_same_arn_is_one_line() -> None:
     """``queue_pair_problem`` is what run and check share: a pure function over both queues' attributes."""
-    from pipeline.runner import queue_pair_problem
+    from pipeline.clients import queue_pair_problem
 
     arn = "arn:aws:sqs:us-east-1:000000000000:q"
     assert "is the source queue" in (queue_pair_problem({"QueueArn": arn}, {"QueueArn": arn}) or "")

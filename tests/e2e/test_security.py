@@ -27,7 +27,7 @@ import asyncpg
 import orjson
 import pytest
 
-from pipeline.recovery import Refused, unmask_command
+from pipeline.pii.unmask import Refused, unmask_command
 from pipeline.sample import sample_bodies
 from pipeline.schema import migrate
 from pipeline.settings import Settings

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from stages.stats import Stats
-from pipeline.runner import sqs_client
+from pipeline.clients import sqs_client
 from stages.acker import Acker, Committed, DeadLetter
 from stages.leases import Leases, release
 from stages.source import SqsSource

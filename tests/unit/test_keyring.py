@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from pipeline.keyring import KeyRingError, entries, load_masker_sync, parse_entry
-from pipeline.recovery import AuditError, Refused, audit, looks_like_token, unmask_all, unmask_rows
+from pipeline.pii.unmask import AuditError, Refused, audit, looks_like_token, unmask_all, unmask_rows
 from pipeline.settings import Settings, load_settings
 from stages.masking import Masker, generate_key
 

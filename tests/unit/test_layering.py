@@ -47,3 +47,65 @@ def test_packaging_finds_every_subpackage() -> None:
     found = set(setuptools.find_packages(str(REPO), **config["packages"]["find"]))
     assert {"pipeline", "pipeline.harness", "pipeline.harness.bench", "stages"} <= found
     assert not {p for p in found if p.split(".")[0] not in {"pipeline", "stages"}}
+
+
+def _project_imports() -> dict[str, set[str]]:
+    """Every project module and the project modules it imports, function-level imports included."""
+    import ast
+
+    graph: dict[str, set[str]] = {}
+    for pkg in ("pipeline", "stages"):
+        for path in (REPO / pkg).rglob("*.py"):
+            parts = path.relative_to(REPO).with_suffix("").parts
+            name = ".".join(parts).removesuffix(".__init__")
+            package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+            deps: set[str] = set()
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    deps.update(a.name for a in node.names)
+                elif isinstance(node, ast.ImportFrom):
+                    base = node.module or ""
+                    if node.level:
+                        anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                        base = ".".join(anchor + ([node.module] if node.module else []))
+                    deps.add(base)
+                    deps.update(f"{base}.{a.name}" for a in node.names)
+            graph[name] = deps
+    return {m: {d for d in deps if d in graph and d != m} for m, deps in graph.items()}
+
+
+def test_no_import_cycles_function_level_imports_included() -> None:
+    graph = _project_imports()
+    # A package's __init__ importing its own submodules is not a cycle of design; none of ours does.
+    state: dict[str, int] = {}
+    path: list[str] = []
+
+    def visit(m: str) -> None:
+        state[m] = 1
+        path.append(m)
+        for d in sorted(graph[m]):
+            if state.get(d) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(path[path.index(d):] + [d]))
+            if d not in state:
+                visit(d)
+        path.pop()
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
+
+
+def test_satellites_are_imported_by_nothing_in_the_core() -> None:
+    graph = _project_imports()
+    satellites = ("pipeline.harness", "pipeline.pii")
+    for m, deps in graph.items():
+        if m.startswith(satellites) or m in ENTRY_POINTS:
+            continue
+        assert not {d for d in deps if d.startswith(satellites)}, f"{m} imports a satellite: {sorted(deps)}"
+
+
+def test_no_module_a_reader_cannot_hold_in_their_head() -> None:
+    long = {str(p.relative_to(REPO)): n for pkg in ("pipeline", "stages") for p in (REPO / pkg).rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > 400}
+    assert not long, long

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.recovery_query import QueryRefused, parse_columns, parse_query, parse_where
-from pipeline.recovery_read import Catalog, render
+from pipeline.pii.query import QueryRefused, parse_columns, parse_query, parse_where
+from pipeline.pii.read import Catalog, render
 
 TABLE = "user_logins"
 CATALOG = Catalog("public", TABLE, {
@@ -183,7 +183,7 @@ def test_where_and_columns_options() -> None:
 
 
 def test_unmask_all_tells_no_token_from_a_forged_spelling() -> None:
-    from pipeline.recovery import Refused, unmask_all
+    from pipeline.pii.unmask import Refused, unmask_all
     from stages.masking import Masker, generate_key
 
     m = Masker([generate_key("k1")])

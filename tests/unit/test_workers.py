@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from pipeline.metrics import Stats
-from pipeline.runner import PreflightError
+from pipeline.errors import PreflightError
 from pipeline.settings import Settings
 from pipeline.workers import WorkerFailure, describe_exit, run_workers
 from tests import worker_fakes

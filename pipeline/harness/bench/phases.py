@@ -24,7 +24,7 @@ async def _phase_broker(settings: Settings, expected: int) -> dict:
     like the pipeline's in-flight messages, so polling never waits for a delete, as in the
     pipeline; the same client, the same request, the same concurrency.
     """
-    from ...runner import sqs_client
+    from ...clients import sqs_client
 
     s = settings.sqs
     meter = Meter()

@@ -32,7 +32,7 @@ async def targets(settings: Settings, opts: BenchOptions) -> AsyncIterator[tuple
     from botocore.exceptions import BotoCoreError, ClientError
 
     from ...embedded import CREDENTIALS, _start_postgres
-    from ...runner import _sqs_problem
+    from ...clients import sqs_problem
 
     info: dict[str, Any] = {}
     stack = contextlib.ExitStack()
@@ -67,7 +67,7 @@ async def targets(settings: Settings, opts: BenchOptions) -> AsyncIterator[tuple
                     for name in ("broker", "pipeline", "dlq"):
                         urls[name] = (await c.create_queue(QueueName=f"{tag}-{name}"))["QueueUrl"]
                 except (BotoCoreError, ClientError) as exc:
-                    raise _sqs_problem(exc, "creating benchmark queue", f"{tag}-…", endpoint) from None
+                    raise sqs_problem(exc, "creating benchmark queue", f"{tag}-…", endpoint) from None
                 info["queues"] = urls
                 yield settings.model_copy(update={
                     "sqs": sqs.model_copy(update={  # a short long-poll: no 10 s idle tail per phase
@@ -116,7 +116,7 @@ def _start_moto(state_dir: Path, stack: contextlib.ExitStack) -> str:
 async def _pg_version(settings: Settings, dsn: str) -> str:
     from pydantic import SecretStr
 
-    from ...runner import connect_postgres  # one-line errors for an unreachable or refusing server
+    from ...clients import connect_postgres  # one-line errors for an unreachable or refusing server
 
     conn = await connect_postgres(settings.model_copy(update={
         "postgres": settings.postgres.model_copy(update={"dsn": SecretStr(dsn)})}))

@@ -1,6 +1,6 @@
 """Running a parsed recovery query: catalog lookup, SQL rebuilt from the tree, a guarded read.
 
-The tree from ``pipeline.recovery_query`` names columns; here they are checked against the
+The tree from ``pipeline.pii.query`` names columns; here they are checked against the
 table's catalog entry and quoted by us, every literal becomes a bound parameter cast from text
 to its column's type, and the read runs in a read-only, time-boxed transaction, preferably as a
 role that may only ``SELECT`` the table (``postgres.recovery_dsn``). Each layer would stop an
@@ -19,12 +19,12 @@ from pydantic import SecretStr
 
 from stages.masking import Masker
 
-from .recovery_query import Lit, Query, QueryRefused
-from .settings import Settings
+from .query import Lit, Query, QueryRefused
+from ..settings import Settings
 
 __all__ = ["Catalog", "QueryError", "read_rows", "render"]
 
-log = logging.getLogger("pipeline.recovery")
+log = logging.getLogger("pipeline.pii.unmask")
 
 QUERY_TIMEOUT_MS = 60_000  # a recovery reads a few rows; a runaway scan must not hold the table
 # format_type() names of built-in types ("character varying", "timestamp with time zone", "text[]").
@@ -103,8 +103,8 @@ def render(q: Query, catalog: Catalog) -> tuple[str, list[str | None]]:
 
 async def read_rows(settings: Settings, plan: Query) -> tuple[list[asyncpg.Record], Masker]:
     """Rows of ``plan``, read with ``postgres.recovery_dsn`` when set, in a read-only, time-boxed transaction."""
-    from .embedded import embedded
-    from .runner import connect_postgres, masker_for
+    from ..embedded import embedded
+    from ..clients import connect_postgres, masker_for
 
     recovery_dsn = settings.postgres.recovery_dsn.get_secret_value()
     if recovery_dsn:  # the read-only recovery role, not the pipeline's writer

@@ -5,7 +5,7 @@ shell commands on the database server, ``COPY … TO '/file'`` writes files, and
 ``pg_read_file``, ``lo_export``, ``dblink``, ``pg_terminate_backend`` or ``set_config`` act outside
 the transaction. So the operator's text is never sent to PostgreSQL. It is tokenized and parsed
 here into a small tree (columns, one table, a condition of column-versus-literal comparisons,
-an order, a limit), and the SQL that runs is rebuilt from that tree (``pipeline.recovery_read``): identifiers are catalog
+an order, a limit), and the SQL that runs is rebuilt from that tree (``pipeline.pii.read``): identifiers are catalog
 columns, quoted by us; operators come from a fixed list; every literal is a bound parameter.
 Anything outside that shape is refused with a reason, before the query reaches the database.
 

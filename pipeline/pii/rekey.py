@@ -29,9 +29,9 @@ import orjson
 
 from stages.masking import KeyError_, Masker
 
-from .console import interactive
-from .recovery import TOKEN_SQL, looks_like_token
-from .settings import Settings
+from ..console import interactive
+from .unmask import TOKEN_SQL, looks_like_token
+from ..settings import Settings
 
 __all__ = ["rekey", "rekey_command", "RekeyError", "REKEY_LOCK"]
 
@@ -229,10 +229,16 @@ async def _batch(
     return len(rows), (rows[-1]["id"] if phase == "message_id" else last), counts
 
 
+def add_arguments(rk: argparse.ArgumentParser) -> None:
+    rk.add_argument("--batch-size", type=int, default=1000, help="rows per transaction (default 1000)")
+    rk.add_argument("--max-batches", type=int, help="stop after this many batches (a rerun continues)")
+    rk.add_argument("--dry-run", action="store_true", help="only report what would change")
+
+
 async def rekey_command(settings: Settings, args: argparse.Namespace) -> int:
     """``python -m pipeline rekey``: print the JSON report on stdout; exit 0 even if stopped early."""
-    from .embedded import embedded
-    from .runner import connect_postgres, masker_for
+    from ..embedded import embedded
+    from ..clients import connect_postgres, masker_for
 
     if args.batch_size < 1 or (args.max_batches is not None and args.max_batches < 1):
         raise RekeyError("--batch-size and --max-batches must be at least 1")

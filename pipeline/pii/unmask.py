@@ -27,9 +27,9 @@ import orjson
 
 from stages.masking import KeyError_, Masker
 
-from .recovery_query import Query, QueryRefused, parse_columns, parse_query, parse_where
-from .recovery_read import QueryError, read_rows
-from .settings import Settings
+from .query import Query, QueryRefused, parse_columns, parse_query, parse_where
+from .read import QueryError, read_rows
+from ..settings import Settings
 
 __all__ = ["TOKEN", "looks_like_token", "Refused", "AuditError", "QueryError", "unmask_all", "unmask_rows", "audit",
            "unmask_command"]
@@ -155,10 +155,20 @@ def _user() -> str:
     return f"{user} (sudo by {sudo})" if sudo and sudo != user else user
 
 
+def add_arguments(u: argparse.ArgumentParser) -> None:
+    u.add_argument("values", nargs="*", metavar="VALUE", help="masked values; '-' or none: one per line on stdin")
+    u.add_argument("--query", metavar="SQL",
+                   help="print the rows of 'SELECT <columns>|* FROM <table> [WHERE …] [ORDER BY …] [LIMIT n]' as JSON "
+                        "lines, every token unmasked (that form only: literals, no functions; see README)")
+    u.add_argument("--where", metavar="COND", help="the same, as a condition on the table: \"user_id = '…'\"")
+    u.add_argument("--columns", metavar="COLS", help="with --where: comma-separated columns to print (default: all)")
+    u.add_argument("--limit", type=int, metavar="N", help="with --where: print at most N rows")
+
+
 async def unmask_command(settings: Settings, args: argparse.Namespace) -> int:
     """``unmask VALUE…`` / ``unmask [-]`` (stdin) / ``unmask --query SQL`` / ``unmask --where COND``: audited, all or nothing."""
-    from .keyring import with_local_key
-    from .runner import masker_for
+    from ..keyring import with_local_key
+    from ..clients import masker_for
 
     values: list[str] = list(args.values)
     where, columns, limit = getattr(args, "where", None), getattr(args, "columns", None), getattr(args, "limit", None)
@@ -214,7 +224,7 @@ async def unmask_command(settings: Settings, args: argparse.Namespace) -> int:
 
 def _first_line(exc: BaseException) -> str:
     """An operator-facing error (redacted DSN, missing key file) in one line, or just its type."""
-    from .runner import PreflightError
+    from ..errors import PreflightError
 
     if isinstance(exc, (PreflightError, AuditError)):
         return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
