@@ -10,7 +10,7 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -53,17 +53,31 @@ class _Section(BaseModel):
 
 
 class SqsSettings(_Section):
-    endpoint_url: str = ""
-    queue_url: str = ""
-    dlq_url: str = ""
-    region: str = "us-east-1"
-    receivers: int = Field(8, ge=1, le=256)
-    wait_time_seconds: int = Field(10, ge=0, le=20)
-    visibility_timeout: int = Field(30, ge=0, le=43200)
-    max_in_flight: int = Field(5000, ge=10)
-    max_receive_count: int = Field(5, ge=1)
-    ackers: int = Field(4, ge=1, le=64)
-    create_dlq: bool = True
+    endpoint_url: str = Field("", description="SQS endpoint (e.g. `http://localhost:4566`); empty = AWS")
+    queue_url: str = Field("", description="source queue; empty = embedded broker")
+    dlq_url: str = Field("", description=(
+        "dead-letter queue, of the source's type and never the source itself; empty = `<queue_url>-dlq` "
+        "(`<name>-dlq.fifo` for a FIFO source)"))
+    region: str = Field("us-east-1", description="AWS region")
+    receive_concurrency: int | Literal["adaptive"] = Field("adaptive", description=(
+        "concurrent `ReceiveMessage` calls: `adaptive` (grows while it adds throughput, shrinks on throttling, "
+        "errors and a full pipeline, between `min_receivers` and `max_receivers`) or a number to pin it"))
+    receivers: int = Field(8, ge=1, le=512, description="receive concurrency to start from (adaptive)")
+    min_receivers: int = Field(1, ge=1, le=512, description="lowest adaptive receive concurrency")
+    max_receivers: int = Field(128, ge=1, le=512, description="highest adaptive receive concurrency")
+    wait_time_seconds: int = Field(10, ge=0, le=20, description="long-poll wait, 0–20")
+    visibility_timeout: int = Field(30, ge=0, le=43200, description=(
+        "visibility timeout requested on receive (0 = the queue's); held messages are extended before it runs out"))
+    max_in_flight: int = Field(5000, ge=10, description="cap on received-but-not-acked messages")
+    max_receive_count: int = Field(5, ge=1, description="a message received more often goes to the DLQ as poison")
+    delete_concurrency: int | Literal["adaptive"] = Field("adaptive", description=(
+        "concurrent `DeleteMessageBatch` calls of committed messages (dead letters have lanes of their own): "
+        "`adaptive` (between `min_ackers` and `max_ackers`) or a number to pin it"))
+    ackers: int = Field(16, ge=1, le=512, description="delete concurrency to start from (adaptive)")
+    min_ackers: int = Field(1, ge=1, le=512, description="lowest adaptive delete concurrency")
+    max_ackers: int = Field(128, ge=1, le=512, description="highest adaptive delete concurrency")
+    create_dlq: bool = Field(True, description=(
+        "create the DLQ if it does not exist (set `false` where IAM forbids `CreateQueue`)"))
 
     @field_validator("region")
     @classmethod
@@ -87,6 +101,37 @@ class SqsSettings(_Section):
             data = {**data, "dlq_url": derived_dlq_url(str(data["queue_url"]))}
         return data
 
+    @field_validator("receive_concurrency", "delete_concurrency", mode="before")
+    @classmethod
+    def _concurrency(cls, v: Any) -> int | str:
+        text = str(v).strip().lower()
+        if text == "adaptive":
+            return text
+        if isinstance(v, bool) or not text.isdigit() or not 1 <= int(text) <= 512:
+            raise ValueError(f"{v!r} is neither `adaptive` nor a number from 1 to 512")
+        return int(text)
+
+    @model_validator(mode="after")
+    def _concurrency_bounds(self) -> SqsSettings:
+        for what, low, high in (("receivers", self.min_receivers, self.max_receivers),
+                                ("ackers", self.min_ackers, self.max_ackers)):
+            if low > high:
+                raise ValueError(f"sqs.min_{what} ({low}) is above sqs.max_{what} ({high})")
+        return self
+
+    def concurrency(self, op: str) -> tuple[int, int, int, int | None]:
+        """``(start, minimum, maximum, pinned)`` of ``receive`` or ``delete`` calls; the start lies within the bounds."""
+        if op == "receive":
+            setting, start, low, high = self.receive_concurrency, self.receivers, self.min_receivers, self.max_receivers
+        else:
+            setting, start, low, high = self.delete_concurrency, self.ackers, self.min_ackers, self.max_ackers
+        pinned = setting if isinstance(setting, int) else None
+        return min(max(start, low), high), low, high, pinned
+
+    def max_concurrency(self) -> int:
+        """The most SQS calls of the data path ever under way at once (connection pool sizing)."""
+        return sum(p if p is not None else high for _, _, high, p in (self.concurrency("receive"), self.concurrency("delete")))
+
     @model_validator(mode="after")
     def _dlq_is_not_the_source(self) -> SqsSettings:
         """Rejects sent back to the queue they came from would loop forever."""
@@ -96,12 +141,40 @@ class SqsSettings(_Section):
 
 
 class PostgresSettings(_Section):
-    dsn: SecretStr = SecretStr("")
-    table: str = "user_logins"
-    pool_size: int = Field(4, ge=2, le=64)
+    dsn: SecretStr = Field(SecretStr(""), description=(
+        "libpq URI; empty = embedded PostgreSQL. Passwords are redacted wherever printed"))
+    table: str = Field("user_logins", description="target table")
+    pool_size: int = Field(4, ge=2, le=64, description="asyncpg pool size")
     recovery_dsn: SecretStr = Field(SecretStr(""), description=(
         "DSN `unmask --query/--where` reads with instead of `dsn`: a role granted only SELECT on the table, "
         "so a recovery can read and nothing else; empty = `dsn`"))
+    partitioned: bool = Field(True, description=(
+        "create a missing table range-partitioned by month on create_date (plus a DEFAULT partition); an "
+        "existing table keeps its layout: convert it online with `migrate --partition`"))
+    partitions_ahead: int = Field(2, ge=0, le=36, description=(
+        "months created ahead of the current one (by `migrate`, `run` and its periodic maintenance)"))
+    indexes: str = Field("masked_ip,masked_device_id", description=(
+        "comma-separated columns of a partitioned table that get a (partition-local) index, for analyst lookups; "
+        "add user_id to make `erase` an index lookup; empty = none"))
+    retention_days: int | None = Field(None, ge=1, description=(
+        "keep this many days of rows: `run` applies `retention` periodically (drops whole old partitions, "
+        "deletes the older rows of the rest in batches); unset = keep everything"))
+    maintenance_interval: float = Field(3600, gt=0, description=(
+        "seconds between the periodic table maintenance of `run` (partitions ahead, retention)"))
+
+    @field_validator("indexes")
+    @classmethod
+    def _index_columns(cls, v: str) -> str:
+        cols = [c.strip() for c in v.split(",") if c.strip()]
+        allowed = ("user_id", "device_type", "masked_ip", "masked_device_id", "locale", "app_version")
+        for c in cols:
+            if c not in allowed:
+                raise ValueError(f"{c!r} is not an indexable column (one of {', '.join(allowed)})")
+        return ",".join(dict.fromkeys(cols))
+
+    @property
+    def index_columns(self) -> tuple[str, ...]:
+        return tuple(c for c in self.indexes.split(",") if c)
 
     @field_validator("dsn", "recovery_dsn")
     @classmethod
@@ -124,14 +197,23 @@ class PostgresSettings(_Section):
 class MaskingSettings(_Section):
     """The key ring (see ``pipeline.keyring``): plain or KMS-wrapped keys from env or a file."""
 
-    key: SecretStr = SecretStr("")
-    keys: SecretStr = SecretStr("")
-    key_file: str = ""
-    active_key_id: str = ""
-    kms_key_id: str = ""
-    kms_wrapped_keys: str = ""
-    kms_endpoint_url: str = ""
-    audit_log: str = ""
+    key: SecretStr = Field(SecretStr(""), description=(
+        "`<key id>:<base64 key>` from `keygen` (or KMS-wrapped `<key id>:kms:<blob>`); the active key unless "
+        "`active_key_id` says otherwise; empty (and no other key source) = generated local key (embedded only)"))
+    keys: SecretStr = Field(SecretStr(""), description=(
+        "more keys of the ring (old ones, to unmask and `rekey`), comma-separated entries like `key`"))
+    key_file: str = Field("", description=(
+        "file with one entry per line (`#` comments, blank lines ok); should be mode 600"))
+    active_key_id: str = Field("", description=(
+        "id of the key new rows are masked with; empty = `key`, else the first key found "
+        "(`keys`, `key_file`, `kms_wrapped_keys` in that order)"))
+    kms_key_id: str = Field("", description=(
+        "KMS key (ARN, id or alias) for `keygen --kms-key-id`; when set, `Decrypt` only accepts blobs wrapped under it"))
+    kms_wrapped_keys: str = Field("", description=(
+        "KMS-wrapped entries `<key id>:kms:<blob>`, comma-separated, unwrapped with `Decrypt` at start-up"))
+    kms_endpoint_url: str = Field("", description=(
+        "KMS endpoint; empty = `sqs.endpoint_url` (LocalStack), else AWS; region = `sqs.region`"))
+    audit_log: str = Field("", description="file `unmask` appends its audit records to (besides stderr)")
 
     @field_validator("kms_endpoint_url")
     @classmethod
@@ -146,19 +228,24 @@ class MaskingSettings(_Section):
 
 
 class PipelineSettings(_Section):
-    batch_size: int = Field(2000, ge=1, le=100_000)
-    batch_timeout: float = Field(0.1, gt=0, le=60)
-    queue_size: int = Field(64, ge=1)
-    grace_seconds: float = Field(10, ge=0)
-    state_dir: Path = Path(".pipeline")
-    sample_size: int = Field(100, ge=0)
-    progress_interval: float = Field(10, gt=0)
-    processes: int = Field(1, ge=1, le=64)  # worker processes on the same queue (multi-core hosts)
+    batch_size: int = Field(2000, ge=1, le=100_000, description="rows per COPY batch")
+    batch_timeout: float = Field(0.1, gt=0, le=60, description=(
+        "seconds before a partial batch is flushed (while one batch commits the next one fills, so a short "
+        "timeout costs little)"))
+    queue_size: int = Field(64, ge=1, description="capacity of each inter-stage queue (receive batches)")
+    grace_seconds: float = Field(10, ge=0, description="drain time on SIGTERM before held messages are released")
+    state_dir: Path = Field(Path(".pipeline"), description="embedded default's state")
+    sample_size: int = Field(100, ge=0, description="valid events seeded into the embedded queue")
+    progress_interval: float = Field(10, gt=0, description="seconds between progress log lines")
+    processes: int = Field(1, ge=1, le=64, description=(
+        "worker processes `run` starts on the same queue (one core each); a dead worker is replaced with backoff "
+        "(or the run fails past a restart budget); worker `i` serves HTTP on `http.port + i`"))
 
 
 class HttpSettings(_Section):
-    port: int | None = Field(None, ge=1, le=65535)
-    host: str = "0.0.0.0"
+    port: int | None = Field(None, ge=1, le=65535, description=(
+        "serve `/healthz`, `/readyz`, `/metrics` on this port; unset = no endpoint"))
+    host: str = Field("0.0.0.0", description="address the endpoint listens on")
 
 
 class Settings(BaseSettings):
