@@ -22,10 +22,12 @@ from typing import Any
 import asyncpg
 from botocore.exceptions import BotoCoreError, ClientError
 
+from stages import events
 from stages.acker import Acker
 from stages.leases import Heartbeat, Leases, release
 from stages.sink import CopySink, create_stage_table
 from stages.source import SqsSource
+from stages.sqs import classify
 from stages.transform import Transformer
 
 from stages.stats import Stats
@@ -174,8 +176,7 @@ async def _until_empty(rt: Runtime, stop: asyncio.Event, interval: float = 0.5) 
         try:
             rt.backlog = await queue_backlog(rt.client, rt.settings.sqs.queue_url)
         except (BotoCoreError, ClientError, OSError) as exc:
-            rt.stats.errors["sqs"] += 1
-            log.warning("queue attributes unavailable", extra={"error": type(exc).__name__})
+            events.sqs_call_failed(rt.stats, "GetQueueAttributes", exc, classify(exc))
             quiet = 0
             continue
         # Messages whose dead letter SQS refused stay on the queue for good: they must not keep us waiting.

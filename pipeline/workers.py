@@ -30,6 +30,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
+from stages import backoff as retry_policy
+
 from . import aio
 from .settings import Settings
 
@@ -234,7 +236,7 @@ class _Supervisor:
                 self.stop.set()
                 return
             streak = 1 if now - born >= _STABLE_S else streak + 1
-            delay = min(self.backoff[1], self.backoff[0] * 2 ** (streak - 1))
+            delay = retry_policy.delay(streak, *self.backoff, jitter=0)
             self.restarts += 1
             self.publish()  # worker_restarts, for the progress bar
             log.warning("restarting worker", extra={"worker": i, "in_s": delay, "worker_restarts": self.restarts})

@@ -16,10 +16,13 @@ MAX_S = 10.0
 _JITTER = 0.5  # up to half the delay is random, so instances that failed together retry apart
 
 
-def delay(attempt: int) -> float:
-    """Seconds to sleep after failed attempt number ``attempt`` (1-based)."""
-    base = min(MAX_S, INITIAL_S * 2 ** min(attempt - 1, 16))
-    return base * (1 - _JITTER * random.random())
+def delay(attempt: int, initial: float = INITIAL_S, cap: float = MAX_S, jitter: float = _JITTER) -> float:
+    """Seconds to sleep after failed attempt number ``attempt`` (1-based): doubling from ``initial`` up to ``cap``.
+
+    ``jitter`` is the random share taken off; 0 for a lone actor (a supervisor restarting its worker).
+    """
+    base = min(cap, initial * 2 ** min(attempt - 1, 16))
+    return base * (1 - jitter * random.random()) if jitter else base
 
 
 def wait(retry_state: Any) -> float:

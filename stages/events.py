@@ -13,11 +13,14 @@ from .sqs import Fault, describe, error_code
 from .stats import Stats
 
 __all__ = [
-    "sqs_call_failed", "dead_lettered", "dead_letter_refused", "dead_letters_given_up", "delete_failed_for_good",
+    "db_write_failed", "row_left_for_redelivery", "row_rejected_by_database", "sqs_call_failed", "dead_lettered", "dead_letter_refused", "dead_letters_given_up", "delete_failed_for_good",
+    "concurrency_changed",
 ]
 
 _sqs = logging.getLogger("pipeline.sqs")
+_sink = logging.getLogger("pipeline.sink")
 _acker = logging.getLogger("pipeline.acker")
+_concurrency = logging.getLogger("pipeline.concurrency")
 
 
 def sqs_call_failed(stats: Stats, op: str, exc: BaseException, fault: Fault, **extra: object) -> None:
@@ -54,3 +57,29 @@ def delete_failed_for_good(stats: Stats, code: str) -> None:
     stats.ack_failures += 1
     _acker.warning("delete failed for good", extra={"error": code})
 
+
+
+def concurrency_changed(stats: Stats, op: str, limit: int, reason: str) -> None:
+    """An adaptive limit moved: the gauge follows; DEBUG only, since it moves several times a second while ramping."""
+    stats.concurrency[op] = limit
+    _concurrency.debug("concurrency changed", extra={"op": op, "limit": limit, "reason": reason})
+
+
+def db_write_failed(stats: Stats, exc: BaseException, attempt: int, sleep_s: float | None) -> None:
+    """A batch could not be written for a transient reason; it is retried whole after ``sleep_s``."""
+    stats.errors["postgres"] += 1
+    _sink.warning("database write failed, retrying", extra={
+        "error": f"{type(exc).__name__}: {exc}", "attempt": attempt,
+        "sleep_s": None if sleep_s is None else round(sleep_s, 2)})
+
+
+def row_left_for_redelivery(stats: Stats, sqlstate: str, exc: BaseException, message_id: str) -> None:
+    """One row failed for a reason that may pass; its message comes back (and becomes poison if it keeps failing)."""
+    stats.errors["postgres"] += 1
+    _sink.warning("row failed, leaving it for redelivery",
+                  extra={"sqlstate": sqlstate, "error": type(exc).__name__, "message_id": message_id})
+
+
+def row_rejected_by_database(sqlstate: str, message_id: str) -> None:
+    """Counted as a dead letter once the DLQ takes it (``dead_lettered``)."""
+    _sink.warning("database rejected a row", extra={"sqlstate": sqlstate, "message_id": message_id})

@@ -9,16 +9,14 @@ the rest (visibility 0) so another consumer takes them at once instead of after 
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from typing import Any
 
-from .sqs import RETRYABLE, chunks, describe
+from . import events
+from .sqs import RETRYABLE, chunks, classify
 from .stats import Stats
 
 __all__ = ["Leases", "Heartbeat", "release", "set_visibility"]
-
-log = logging.getLogger("pipeline.acker")
 
 
 class Leases:
@@ -41,6 +39,10 @@ class Leases:
             await self._room.wait()
         self._reserved += n
 
+    def full(self, n: int) -> bool:
+        """Whether ``reserve(n)`` would wait: the pipeline holds all it may."""
+        return len(self.held) + self._reserved + n > self.max_in_flight
+
     def unreserve(self, n: int) -> None:
         self._reserved -= n
         self._wake()
@@ -62,10 +64,10 @@ class Leases:
         self._wake()
 
 
-async def set_visibility(client: Any, queue_url: str, handles: list[str], seconds: int) -> list[str]:
+async def set_visibility(client: Any, queue_url: str, handles: list[str], seconds: int, stats: Stats) -> list[str]:
     """``ChangeMessageVisibilityBatch`` over ``handles`` in tens; return the handles that succeeded.
 
-    A failed call is logged and skipped: whatever it concerned reappears after its timeout anyway.
+    A failed call is counted, logged and skipped: whatever it concerned reappears after its timeout anyway.
     """
     done: list[str] = []
     for chunk in chunks(handles):
@@ -75,7 +77,7 @@ async def set_visibility(client: Any, queue_url: str, handles: list[str], second
                 Entries=[{"Id": str(j), "ReceiptHandle": h, "VisibilityTimeout": seconds} for j, h in enumerate(chunk)],
             )
         except RETRYABLE as exc:
-            log.warning("visibility change failed", extra={"error": describe(exc), "visibility_s": seconds})
+            events.sqs_call_failed(stats, "ChangeMessageVisibilityBatch", exc, classify(exc), visibility_s=seconds)
             return done
         done += [chunk[int(ok["Id"])] for ok in resp.get("Successful", ())]
     return done
@@ -106,9 +108,7 @@ class Heartbeat:
         stale = [h for h, t in self.leases.held.items() if t < cutoff]
         if not stale:
             return
-        extended = await set_visibility(self.client, self.queue_url, stale, self.timeout)
-        if len(extended) < len(stale):
-            self.stats.errors["sqs"] += 1
+        extended = await set_visibility(self.client, self.queue_url, stale, self.timeout, self.stats)
         now = time.monotonic()
         held = self.leases.held
         for h in extended:
@@ -120,5 +120,5 @@ class Heartbeat:
 async def release(client: Any, queue_url: str, leases: Leases, stats: Stats) -> None:
     """Make every held message visible again now, so another consumer can take it."""
     handles = list(leases.held)
-    stats.released += len(await set_visibility(client, queue_url, handles, 0))
+    stats.released += len(await set_visibility(client, queue_url, handles, 0, stats))
     leases.drop(handles)

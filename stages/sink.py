@@ -1,7 +1,7 @@
 """COPY sink: batches rows, upserts them idempotently, then hands the messages to the acker.
 
 Each batch is one transaction: COPY into a per-connection temporary staging table, then
-``INSERT … SELECT … ON CONFLICT (message_id) DO NOTHING``. A redelivered message therefore
+``INSERT … SELECT … ON CONFLICT DO NOTHING`` (the table's unique key). A redelivered message therefore
 never makes a second row, and a message is acked only after its row is committed.
 
 A row the database rejects (data or constraint errors, SQLSTATE classes 22 and 23) must not
@@ -17,21 +17,18 @@ with backoff; meanwhile the queues fill up and the source stops polling.
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import Any
 
 import asyncpg
 from tenacity import AsyncRetrying, retry_if_exception
 
-from . import backoff
+from . import backoff, events
 from .acker import Committed, DeadLetter, Redeliver
 from .pgerrors import PgFault, classify, sqlstate
 from .stats import Stats
 from .transform import COLUMNS
 
 __all__ = ["CopySink", "STAGE_TABLE", "create_stage_table", "upsert_sql"]
-
-log = logging.getLogger("pipeline.sink")
 
 STAGE_TABLE = "pipeline_stage"
 
@@ -44,10 +41,12 @@ def upsert_sql(table: str) -> str:
     """The statement that moves a committed batch from the staging table into ``table``, idempotently.
 
     One definition: ``bench``'s raw COPY baseline runs it too, so the ceiling it reports cannot
-    drift from what the sink really does.
+    drift from what the sink really does. No conflict target: the row key is the table's unique
+    index, ``(message_id)`` on an unpartitioned table and ``(message_id, create_date)`` on a
+    partitioned one (the partition key must be in it); either way a redelivery is skipped.
     """
     cols = ", ".join(COLUMNS)
-    return f"INSERT INTO {table} ({cols}) SELECT {cols} FROM pg_temp.{STAGE_TABLE} ON CONFLICT (message_id) DO NOTHING"
+    return f"INSERT INTO {table} ({cols}) SELECT {cols} FROM pg_temp.{STAGE_TABLE} ON CONFLICT DO NOTHING"
 
 
 async def create_stage_table(conn: asyncpg.Connection, table: str) -> None:
@@ -137,7 +136,6 @@ class CopySink:
             out_ids = {id(m) for m, _, _ in bad} | {id(m) for m in later}
             msgs = [m for m in msgs if id(m) not in out_ids]
         if later:
-            self.stats.errors["postgres"] += len(later)
             await self.acker.put(Redeliver(later))
         if bad:
             await self.acker.put(DeadLetter(bad))
@@ -146,13 +144,8 @@ class CopySink:
 
     def _on_retry(self, state: Any) -> None:
         self.healthy = False
-        self.stats.errors["postgres"] += 1
-        exc = state.outcome.exception()
-        log.warning(
-            "database write failed, retrying",
-            extra={"error": f"{type(exc).__name__}: {exc}", "attempt": state.attempt_number,
-                   "sleep_s": round(state.next_action.sleep, 2) if state.next_action else None},
-        )
+        events.db_write_failed(self.stats, state.outcome.exception(), state.attempt_number,
+                               state.next_action.sleep if state.next_action else None)
 
     async def _write_isolating(self, rows: list[tuple], msgs: list[dict]) -> tuple[int, list, list]:
         """(rows inserted, dead letters, messages left for redelivery); transient errors raise."""
@@ -168,10 +161,9 @@ class CopySink:
             if len(rows) == 1:
                 state = sqlstate(exc) or "client"
                 if fault is PgFault.SUSPECT:
-                    log.warning("row failed, leaving it for redelivery",
-                                extra={"sqlstate": state, "error": type(exc).__name__, "message_id": msgs[0]["MessageId"]})
+                    events.row_left_for_redelivery(self.stats, state, exc, msgs[0]["MessageId"])
                     return 0, [], [msgs[0]]
-                log.warning("database rejected a row", extra={"sqlstate": state, "message_id": msgs[0]["MessageId"]})
+                events.row_rejected_by_database(state, msgs[0]["MessageId"])
                 return 0, [(msgs[0], f"db.{state}", f"database rejected the row: {state} {type(exc).__name__}: {str(exc)[:200]}")], []
         mid = len(rows) // 2
         n1, bad1, later1 = await self._write_isolating(rows[:mid], msgs[:mid])

@@ -17,10 +17,11 @@ from typing import Any, Callable, Iterator
 import orjson
 from botocore.exceptions import BotoCoreError, ClientError
 
+from stages import backoff
 from stages.sqs import chunks
 
-from ..console import progress_bar
 from ..clients import sqs_client
+from ..console import progress_bar
 from ..sample import iter_bodies
 from ..settings import Settings
 
@@ -78,13 +79,13 @@ async def loadgen(
                 except (BotoCoreError, ClientError, OSError, asyncio.TimeoutError):
                     if attempt == SEND_ATTEMPTS - 1:
                         break
-                    await asyncio.sleep(0.2 * 2**attempt)
+                    await asyncio.sleep(backoff.delay(attempt + 1))
                     continue
                 bad = {f["Id"] for f in resp.get("Failed", ())}
                 pending = [e for e in pending if e["Id"] in bad]
                 if not pending:
                     break
-                await asyncio.sleep(0.2 * 2**attempt)
+                await asyncio.sleep(backoff.delay(attempt + 1))
             failed += len(pending)
             ok = len(entries) - len(pending)
             sent.update(kinds)
