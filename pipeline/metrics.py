@@ -43,6 +43,15 @@ class StatsCollector(Collector):
         for rule, n in sorted(s.rejected_by_rule.items()):
             rejected.add_metric([rule], n)
         yield rejected
+        refused = CounterMetricFamily(
+            "pipeline_dead_letters_refused",
+            "Dead letters SQS refused for good, by error code (the message stays on the source queue).", labels=["code"])
+        for code, n in sorted(s.dead_letters_refused.items()):
+            refused.add_metric([code], n)
+        yield refused
+        yield CounterMetricFamily("pipeline_dead_letter_retries_exhausted",
+                                  "Dead letters given back after their transient-failure attempts ran out.",
+                                  value=s.dead_letter_retries_exhausted)
         errors = CounterMetricFamily("pipeline_errors", "Failed calls to a dependency (retried).", labels=["dependency"])
         for dep in sorted({"sqs", "postgres", *s.errors}):
             errors.add_metric([dep], s.errors.get(dep, 0))
@@ -62,6 +71,17 @@ class StatsCollector(Collector):
         for state, n in sorted((getattr(self.rt, "backlog", None) or {}).items()):
             backlog.add_metric([state], n)
         yield backlog
+        conc = GaugeMetricFamily("pipeline_sqs_concurrency",
+                                 "SQS calls allowed at once now, by operation (adaptive unless pinned).", labels=["op"])
+        for op, n in sorted(s.concurrency.items()):
+            conc.add_metric([op], n)
+        yield conc
+        rtt = HistogramMetricFamily("pipeline_sqs_rtt_seconds",
+                                    "Round trip of SQS calls by operation (a receive's includes its long-poll wait).",
+                                    labels=["op"])
+        for op, b in s.rtt.items():
+            rtt.add_metric([op], b.cumulative(), sum_value=b.sum)
+        yield rtt
         yield _histogram("pipeline_batch_size", "Messages per committed COPY batch.", s.batch_sizes)
         yield _histogram("pipeline_end_to_end_latency_seconds",
                          "Seconds from SQS SentTimestamp to the commit of the message's row.", s.latency)
