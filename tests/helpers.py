@@ -50,6 +50,16 @@ def run_cli(*args: str, env: dict[str, str], timeout: float = 180, input: str | 
     )
 
 
+async def wait_until(cond: Any, timeout: float = 30, what: str = "condition") -> None:
+    """Poll ``cond()`` until it holds; fail after ``timeout`` seconds (never a fixed sleep and an exact count)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not cond():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
 def send_bodies(client: Any, queue_url: str, bodies: list[str]) -> list[str]:
     """Send in ``SendMessageBatch`` calls the size limits allow; return the message ids in order."""
     ids: list[str] = []

@@ -13,6 +13,7 @@ from stages.masking import Masker, generate_key
 from stages.acker import Committed, DeadLetter, Redeliver
 from stages.sink import CopySink, create_stage_table
 from stages.transform import to_row
+from tests.helpers import wait_until
 from pipeline.sample import sample_bodies
 
 MASKER = Masker([generate_key("s1")])
@@ -65,8 +66,8 @@ async def test_batches_close_on_size_and_time(pool: asyncpg.Pool) -> None:
     rows, msgs = messages(50)
     for i in range(0, 50, 10):
         await inbox.put((rows[i : i + 10], msgs[i : i + 10]))
-    await asyncio.sleep(0.5)  # 30 rows go out on size, the last 20 on the timer, not the sentinel
-    assert stats.inserted == 50 and stats.batches == 2
+    await wait_until(lambda: stats.inserted == 50, 30, "the timer to flush the last 20 rows")
+    assert stats.batches == 2  # 30 rows went out on size, the last 20 on the timer, not the sentinel
     await inbox.put(None)
     await task
     ok, dead = acked(acks)

@@ -9,7 +9,7 @@ from pipeline.clients import sqs_client
 from stages.acker import Acker, Committed, DeadLetter
 from stages.leases import Leases, release
 from stages.source import SqsSource
-from tests.helpers import drain, make_settings, queue_counts, send_bodies
+from tests.helpers import drain, make_settings, queue_counts, send_bodies, wait_until
 
 
 async def test_source_respects_in_flight_cap_and_acker_deletes(queues) -> None:  # type: ignore[no-untyped-def]
@@ -22,7 +22,7 @@ async def test_source_respects_in_flight_cap_and_acker_deletes(queues) -> None: 
     async with sqs_client(settings) as client:
         source = SqsSource(client, queues.queue_url, out, leases, stats, receivers=4, wait_time_seconds=1)
         task = asyncio.create_task(source.run())
-        await asyncio.sleep(2)
+        await wait_until(lambda: stats.received >= 20, 30, "the in-flight cap to fill")
         assert stats.received == 20 == len(leases)  # the cap stops polling
         acker = Acker(client, queues.queue_url, queues.dlq_url, acks, leases, stats, concurrency=3)
         acker_task = asyncio.create_task(acker.run())
@@ -84,7 +84,7 @@ async def test_release_makes_held_messages_visible_at_once(queues) -> None:  # t
             await asyncio.sleep(0.1)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-        await asyncio.sleep(1.5)  # let LocalStack finish the abandoned long poll
-        assert queue_counts(queues.client, queues.queue_url) == (0, 3)
+        await wait_until(lambda: queue_counts(queues.client, queues.queue_url) == (0, 3), 30,
+                         "LocalStack to finish the abandoned long poll")
         await release(client, queues.queue_url, leases, stats)
     assert queue_counts(queues.client, queues.queue_url) == (3, 0)
