@@ -20,6 +20,7 @@ from .embedded import embedded
 from .clients import sqs_problem, backlog_of, connect_postgres, masker_for, queue_pair_problem, sqs_client
 from .errors import PreflightError
 from .schema import inspect
+from .table.partitions import Layout
 from .settings import Settings, default_config_path, redact_dsn
 
 __all__ = ["check", "Findings"]
@@ -141,7 +142,7 @@ async def _check_postgres(f: Findings, settings: Settings, *, fresh_ok: bool = F
             version = await conn.fetchval("SHOW server_version")
             user = await conn.fetchval("SELECT current_user")
             f.ok(f"postgres {where} (PostgreSQL {version}, user {user})")
-            report = await inspect(conn, table)
+            report = await inspect(conn, table, Layout.of(settings))
     except TimeoutError:
         f.fail(f"postgres {where} did not answer within {TIMEOUT:g} s")
         return

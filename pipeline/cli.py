@@ -23,6 +23,7 @@ from .errors import EXIT_CONFIG, EXIT_FAILURE, PreflightError, describe
 from .harness import bench, loadgen
 from .logs import setup_logging
 from .pii import rekey, unmask
+from .table import erase, migrate_cmd, retention
 from .settings import ConfigError, Settings, load_settings
 
 __all__ = ["main", "Command", "COMMANDS", "log_level"]
@@ -40,7 +41,12 @@ class Command:
 
 COMMANDS: tuple[Command, ...] = (
     Command("run", "stream SQS into PostgreSQL until SIGINT/SIGTERM", commands.run_arguments, commands.run_command),
-    Command("migrate", "create or adapt the user_logins table", commands.no_arguments, commands.migrate_command),
+    Command("migrate", "create or adapt the user_logins table (--partition: convert it to monthly partitions, online)",
+            migrate_cmd.add_arguments, migrate_cmd.command),
+    Command("retention", "remove rows older than N days: drop old partitions, delete the rest in batches (audited)",
+            retention.add_arguments, retention.command),
+    Command("erase", "delete every row of the given users across all partitions (audited, no ids in the record)",
+            erase.add_arguments, erase.command),
     Command("check", "check config, SQS (queue and DLQ) and PostgreSQL (table); one line per finding",
             commands.no_arguments, check, prints_results=True),
     Command("keygen", "print a fresh masking key for PIPELINE_MASKING__KEY", commands.keygen_arguments,

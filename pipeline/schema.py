@@ -4,7 +4,9 @@ The takehome pre-creates the table with ``app_version integer``, ``varchar(256)`
 columns and no message id. Migration keeps every existing row: it converts
 ``app_version`` to text (``2`` stays ``"2"``), widens the masked columns for AES-SIV
 tokens, and adds ``message_id`` with a unique index for idempotent upserts (existing rows
-keep a NULL id, which the unique index allows).
+keep a NULL id, which the unique index allows). Such a table stays unpartitioned (``migrate
+--partition`` converts it online, see ``pipeline.table.convert``); a missing table is created
+partitioned by month unless ``postgres.partitioned`` is off (``pipeline.table.partitions``).
 """
 
 from __future__ import annotations
@@ -13,40 +15,50 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-__all__ = ["migrate", "plan", "inspect", "SchemaReport", "MIGRATION_LOCK"]
+from .table.partitions import COLUMNS_SQL, Layout, create_statements, plan_partitioned, relkind
+
+__all__ = ["migrate", "plan", "inspect", "SchemaReport", "MIGRATION_LOCK", "Layout"]
 
 MIGRATION_LOCK = 0x5049_5045  # advisory lock id: concurrent instances migrate one at a time
 
-_WANTED = {
-    "user_id": "character varying(128)",
-    "device_type": "character varying(32)",
-    "masked_ip": "text",
-    "masked_device_id": "text",
-    "locale": "character varying(32)",
-    "app_version": "character varying(32)",
-    "create_date": "date",
-    "message_id": "character varying(128)",
-}
+_WANTED = COLUMNS_SQL
 
 
-async def migrate(conn: asyncpg.Connection, table: str) -> list[str]:
+async def migrate(conn: asyncpg.Connection, table: str, layout: Layout | None = None, *,
+                  lock_timeout: float | None = None) -> list[str]:
     """Create or adapt ``table``; return the statements it ran (empty when up to date).
 
     It runs exactly what ``plan`` returns, read under the advisory lock, so ``check``
     (which reports ``plan``) and ``migrate`` cannot disagree about what is pending.
+    ``lock_timeout`` (seconds): give up rather than queue every writer behind a lock
+    that a long transaction holds (the periodic maintenance retries later).
     """
+    layout = layout or Layout()
     async with conn.transaction():
+        if lock_timeout:
+            await conn.execute(f"SET LOCAL lock_timeout = '{int(lock_timeout * 1000)}ms'")
         await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
-        ran = await plan(conn, table)
+        ran = await plan(conn, table, layout)
+        if ran and await relkind(conn, table) == "p":
+            # A writer routing a row into DEFAULT while a month is carved out of it would make the
+            # DDL fail: let in-flight batches finish, hold new ones for the moment, read again.
+            await conn.execute(f"LOCK TABLE {table} IN SHARE ROW EXCLUSIVE MODE")
+            ran = await plan(conn, table, layout)
         for stmt in ran:
             await conn.execute(stmt)
     return ran
 
 
-async def plan(conn: asyncpg.Connection, table: str) -> list[str]:
+async def plan(conn: asyncpg.Connection, table: str, layout: Layout | None = None) -> list[str]:
     """The statements that bring ``table`` (in the current schema) up to date; changes nothing."""
+    layout = layout or Layout()
+    kind = await relkind(conn, table)
+    if kind is None and layout.partitioned:
+        return create_statements(table, layout)
     cols = await _read_columns(conn, table)
     out = _plan_columns(cols, table)
+    if kind == "p":
+        return out + await plan_partitioned(conn, table, layout)
     if not cols or not await conn.fetchval(_UNIQUE_MESSAGE_ID, table):
         # No IF NOT EXISTS: an unsuitable index of that name must fail here, not later at the upsert.
         out.append(f"CREATE UNIQUE INDEX {table}_message_id_key ON {table} (message_id)")
@@ -120,7 +132,7 @@ class SchemaReport:
         return self.exists and not self.problems
 
 
-async def inspect(conn: asyncpg.Connection, table: str) -> SchemaReport:
+async def inspect(conn: asyncpg.Connection, table: str, layout: Layout | None = None) -> SchemaReport:
     """Is ``table`` present and compatible with what the pipeline writes? Changes nothing.
 
     Compatible means: the columns the pipeline writes exist (or ``migrate`` can add or
@@ -135,7 +147,7 @@ async def inspect(conn: asyncpg.Connection, table: str) -> SchemaReport:
     if not cols and await conn.fetchval("SELECT to_regclass($1)", qualified) is not None:
         # information_schema hides the columns of a table the user has no privilege on.
         return SchemaReport(table, schema, True, problems=["the user has no privileges on the table"])
-    report = SchemaReport(table, schema, bool(cols), cols, await plan(conn, table))
+    report = SchemaReport(table, schema, bool(cols), cols, await plan(conn, table, layout))
     problems = report.problems
     if not await conn.fetchval("SELECT has_database_privilege(current_database(), 'TEMP')"):
         problems.append("the user may not create temporary tables (GRANT TEMP ON DATABASE …), needed for COPY staging")

@@ -31,7 +31,7 @@ def test_check_pending_count_is_what_migrate_applies(queues, pg_dsn: str, start:
     migrate = run_cli("migrate", env=env, timeout=60)
     assert migrate.returncode == 0, migrate.stderr[-2000:]
     changes = orjson.loads(migrate.stdout.strip().splitlines()[-1])["changes"]
-    assert int(found.group(1)) == len(changes) == (2 if start == "fresh" else 5), (check.stdout, changes)
+    assert int(found.group(1)) == len(changes) == (8 if start == "fresh" else 5), (check.stdout, changes)
     again = run_cli("check", env=env, timeout=60)
     assert "ok   table public.user_logins present and up to date" in again.stdout, again.stdout
 
