@@ -20,11 +20,23 @@ __all__ = ["Leases", "Heartbeat", "release", "set_visibility"]
 
 
 class Leases:
-    """Receipt handles held by this process, and the in-flight cap on them."""
+    """Receipt handles held by this process, and the in-flight caps on them.
 
-    def __init__(self, max_in_flight: int) -> None:
+    Messages are capped by count (``max_in_flight``), and also by the rows and bytes they
+    carry: one message may hold thousands of events (``stages.decode``), so a message count
+    alone would not bound memory. A message weighs one row and its body's length when it
+    arrives; the transformer ``weigh``s it once decoded. The row and byte caps are checked
+    before each poll, so they may be exceeded by what the receive calls under way bring.
+    """
+
+    def __init__(self, max_in_flight: int, max_rows: int | None = None, max_bytes: int | None = None) -> None:
         self.max_in_flight = max_in_flight
+        self.max_rows = max_rows if max_rows is not None else 1 << 62
+        self.max_bytes = max_bytes if max_bytes is not None else 1 << 62
         self.held: dict[str, float] = {}  # receipt handle -> monotonic time of receipt/extension
+        self.rows = 0  # events held (a message of one event counts one)
+        self.bytes = 0  # bodies and decoded payloads held
+        self._weight: dict[str, tuple[int, int]] = {}  # receipt handle -> (rows, bytes) counted for it
         self._reserved = 0  # room promised to receive calls under way
         self._room = asyncio.Event()
         self._room.set()
@@ -34,33 +46,59 @@ class Leases:
 
     async def reserve(self, n: int) -> None:
         """Wait until ``n`` more messages fit under the cap, and promise them that room."""
-        while len(self.held) + self._reserved + n > self.max_in_flight:
+        while self.full(n):
             self._room.clear()
             await self._room.wait()
         self._reserved += n
 
     def full(self, n: int) -> bool:
-        """Whether ``reserve(n)`` would wait: the pipeline holds all it may."""
-        return len(self.held) + self._reserved + n > self.max_in_flight
+        """Whether ``reserve(n)`` would wait: the pipeline holds all it may (messages, rows or bytes)."""
+        return (len(self.held) + self._reserved + n > self.max_in_flight or self.rows >= self.max_rows
+                or self.bytes >= self.max_bytes)
 
     def unreserve(self, n: int) -> None:
         self._reserved -= n
         self._wake()
 
     def _wake(self) -> None:
-        if len(self.held) + self._reserved < self.max_in_flight:
+        if (len(self.held) + self._reserved < self.max_in_flight and self.rows < self.max_rows
+                and self.bytes < self.max_bytes):
             self._room.set()
 
     def add(self, msgs: list[dict]) -> None:
         now = time.monotonic()
-        held = self.held
+        held, weight = self.held, self._weight
+        size = 0
         for m in msgs:
-            held[m["ReceiptHandle"]] = now
+            h = m["ReceiptHandle"]
+            held[h] = now
+            n = len(m.get("Body") or "")
+            weight[h] = (1, n)
+            size += n
+        self.rows += len(msgs)
+        self.bytes += size
+
+    def weigh(self, handle: str, rows: int, decoded_bytes: int) -> None:
+        """The transformer's count of a held message, once decoded: ``rows`` events, ``decoded_bytes`` beyond its body."""
+        old = self._weight.get(handle)
+        if old is None:  # already dropped
+            return
+        new = (rows, old[1] + decoded_bytes)
+        self._weight[handle] = new
+        self.rows += new[0] - old[0]
+        self.bytes += new[1] - old[1]
 
     def drop(self, handles: list[str]) -> None:
-        pop = self.held.pop
+        pop, unweigh = self.held.pop, self._weight.pop
+        rows = size = 0
         for h in handles:
             pop(h, None)
+            w = unweigh(h, None)
+            if w is not None:
+                rows += w[0]
+                size += w[1]
+        self.rows -= rows
+        self.bytes -= size
         self._wake()
 
 

@@ -1,17 +1,22 @@
-"""SQS source: N concurrent long-poll receivers feeding one bounded queue.
+"""SQS source: concurrent long-poll receivers feeding one bounded queue.
 
-Backpressure is two-fold: a receiver reserves room under the in-flight cap before it
-polls, and ``put`` on the bounded queue blocks while the transformer is behind. Either
-way a full pipeline stops polling instead of buffering without bound.
+How many receive calls run at once is a ``Limiter`` (adaptive by default, see
+``stages.concurrency``): receivers up to its maximum wait for a permit, and each permit is one
+call under way. Backpressure is two-fold: a receiver reserves room under the in-flight cap
+before it polls, and ``put`` on the bounded queue blocks while the transformer is behind.
+Either way a full pipeline stops polling instead of buffering without bound, and tells the
+limiter, which then shrinks.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 from . import backoff, events
+from .concurrency import Limiter, tracked
 from .leases import Leases
 from .message import ORIGIN_ATTRIBUTES
 from .sqs import RETRYABLE, classify
@@ -25,11 +30,11 @@ log = logging.getLogger("pipeline.source")
 class SqsSource:
     def __init__(
         self, client: Any, queue_url: str, outbox: asyncio.Queue, leases: Leases, stats: Stats, *,
-        receivers: int, wait_time_seconds: int, visibility_timeout: int = 0,
+        receivers: int | Limiter, wait_time_seconds: int, visibility_timeout: int = 0,
     ) -> None:
         self.client, self.queue_url, self.outbox = client, queue_url, outbox
         self.leases, self.stats = leases, stats
-        self.receivers = receivers
+        self.limit = tracked("receive", stats, receivers)  # a plain number: pinned
         self._request: dict[str, Any] = {
             "QueueUrl": queue_url,
             "MaxNumberOfMessages": 10,
@@ -47,7 +52,7 @@ class SqsSource:
 
     async def run(self) -> None:
         """Run the receivers until cancelled, or until ``stop`` and the calls under way are done."""
-        self._tasks = [asyncio.create_task(self._receive(i), name=f"receiver-{i}") for i in range(self.receivers)]
+        self._tasks = [asyncio.create_task(self._receive(i), name=f"receiver-{i}") for i in range(self.limit.maximum)]
         try:
             await asyncio.gather(*self._tasks)
         finally:
@@ -74,32 +79,50 @@ class SqsSource:
                 raise
 
     async def _poll(self, n: int) -> None:
-        receive, request, leases, put = self.client.receive_message, self._request, self.leases, self.outbox.put
+        receive, request, leases, outbox = self.client.receive_message, self._request, self.leases, self.outbox
+        limit, observe_rtt, clock = self.limit, self.stats.rtt["ReceiveMessage"].observe, time.monotonic
         polling = self._polling
         failures = 0
         while not self._stopping:
-            await leases.reserve(10)
-            polling.add(n)
+            await limit.acquire()
             try:
-                resp = await receive(**request)
-            except RETRYABLE as exc:  # even a permanent error (queue deleted) may heal: keep polling, backed off
+                if leases.full(10):
+                    limit.congested()
+                await leases.reserve(10)
+                polling.add(n)
+                t0 = clock()
+                try:
+                    resp = await receive(**request)
+                except RETRYABLE as exc:  # even a permanent error (queue deleted) may heal: keep polling, backed off
+                    limit.observe(clock() - t0, failed=True)
+                    leases.unreserve(10)
+                    polling.discard(n)
+                    self.last_poll_ok = False
+                    failures += 1
+                    sleep = backoff.delay(failures)
+                    events.sqs_call_failed(self.stats, "ReceiveMessage", exc, classify(exc), receiver=n,
+                                           sleep_s=round(sleep, 2))
+                    # The permit is kept while backing off: a failing broker gets fewer calls, not the
+                    # same number from the other receivers.
+                    await asyncio.sleep(sleep)
+                    continue
+                except BaseException:
+                    leases.unreserve(10)
+                    raise
+                rtt = clock() - t0
                 leases.unreserve(10)
-                polling.discard(n)
-                self.last_poll_ok = False
-                failures += 1
-                sleep = backoff.delay(failures)
-                events.sqs_call_failed(self.stats, "ReceiveMessage", exc, classify(exc), receiver=n, sleep_s=round(sleep, 2))
-                await asyncio.sleep(sleep)
-                continue
-            except BaseException:
-                leases.unreserve(10)
-                raise
-            leases.unreserve(10)
-            failures = 0
-            self.last_poll_ok = True
-            msgs = resp.get("Messages")
+                failures = 0
+                self.last_poll_ok = True
+                msgs = resp.get("Messages")
+                observe_rtt(rtt)
+                limit.observe(rtt, len(msgs) if msgs else 0)
+                if msgs:
+                    leases.add(msgs)
+                    self.stats.received += len(msgs)
+            finally:
+                limit.release()  # the call is over; waiting for the transformer below holds no permit
             if msgs:
-                leases.add(msgs)
-                self.stats.received += len(msgs)
-                await put(msgs)
+                if outbox.full():
+                    limit.congested()
+                await outbox.put(msgs)
             polling.discard(n)

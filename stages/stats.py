@@ -14,11 +14,15 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Sequence
 
-__all__ = ["Stats", "Buckets", "BATCH_SIZE_BUCKETS", "LATENCY_BUCKETS"]
+__all__ = ["Stats", "Buckets", "BATCH_SIZE_BUCKETS", "LATENCY_BUCKETS", "RTT_BUCKETS", "SQS_OPERATIONS"]
 
 BATCH_SIZE_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2000, 5000, 10000, 50000)
 _NO_ATTRS: dict = {}
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600)
+# Round trips of SQS calls: loopback is ~1 ms, a region 10-20 ms, cross-region 50 ms and more;
+# an empty long poll lasts up to ``wait_time_seconds``.
+RTT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20)
+SQS_OPERATIONS = ("ReceiveMessage", "DeleteMessageBatch")
 
 
 class Buckets:
@@ -66,14 +70,23 @@ class Stats:
     started: float = field(default_factory=time.monotonic)
     batch_sizes: Buckets = field(default_factory=lambda: Buckets(BATCH_SIZE_BUCKETS))
     latency: Buckets = field(default_factory=lambda: Buckets(LATENCY_BUCKETS))
+    # Round trip per SQS operation (the adaptive limits' signal), and those limits now.
+    rtt: dict[str, Buckets] = field(default_factory=lambda: {op: Buckets(RTT_BUCKETS) for op in SQS_OPERATIONS})
+    concurrency: dict[str, int] = field(default_factory=dict)  # "receive" / "delete" -> current limit
 
-    def observe_commit(self, msgs: list[dict]) -> None:
-        """``CopySink``'s hook after a commit: batch size, and SentTimestamp→commit per message."""
+    def observe_commit(self, msgs: list) -> None:
+        """``CopySink``'s hook after a commit: batch size in rows, and SentTimestamp→commit per row.
+
+        ``msgs`` holds one item per row: a message dict, or an event of a multi-event message
+        (``stages.parts.Part``, whose ``msg`` is its message).
+        """
         self.batch_sizes.observe(len(msgs))
         now_ms = time.time() * 1000
         bounds, counts = self.latency.bounds, self.latency.counts
         total = 0.0
         for m in msgs:
+            if type(m) is not dict:
+                m = m.msg
             sent = (m.get("Attributes") or _NO_ATTRS).get("SentTimestamp")
             if sent is None:
                 continue

@@ -1,0 +1,143 @@
+"""The adaptive concurrency limiter, driven by a simulated server on a manual clock (no sleeping, no timing asserts)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from stages.concurrency import Limiter, tracked
+from stages.stats import Stats
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def rounds(lim: Limiter, clock: Clock, n: int, *, base_rtt: float, capacity: float = 1e9,
+                 items: int = 10, failed: bool = False) -> list[int]:
+    """``n`` rounds of a server with round trip ``base_rtt`` serving at most ``capacity`` calls/s:
+    every slot is used (demand is unlimited), so each round is ``limit`` calls finishing together."""
+    seen = []
+    for _ in range(n):
+        k = lim.limit
+        for _ in range(k):
+            await lim.acquire()
+        rtt = max(base_rtt, k / capacity)  # past the server's capacity, calls only queue
+        clock.now += rtt
+        for _ in range(k):
+            lim.observe(rtt, items, failed=failed)
+            lim.release()
+        seen.append(lim.limit)
+    return seen
+
+
+async def test_grows_under_added_latency_and_not_at_loopback() -> None:
+    # CASE: same server capacity (2,000 calls/s); at 50 ms RTT more concurrency adds throughput, at 1 ms it cannot
+    far, near, clock_far, clock_near = None, None, Clock(), Clock()
+    far = Limiter("receive", start=8, maximum=256, clock=clock_far)
+    near = Limiter("receive", start=8, maximum=256, clock=clock_near)
+    await rounds(far, clock_far, 400, base_rtt=0.05, capacity=2000)
+    await rounds(near, clock_near, 400, base_rtt=0.001, capacity=2000)
+    assert far.limit >= 50  # Little's law: 2,000/s × 50 ms = 100 calls are needed; it got most of the way
+    assert near.limit <= 16  # 2,000/s × 1 ms = 2: growing bought nothing, so it went back
+
+
+async def test_grows_to_its_maximum_and_never_past_it() -> None:
+    # CASE: a server with unlimited capacity: the limit climbs to its maximum and stays there
+    clock = Clock()
+    lim = Limiter("delete", start=4, maximum=40, clock=clock)
+    seen = await rounds(lim, clock, 300, base_rtt=0.05)
+    assert max(seen) == 40 and lim.limit == 40 and all(s <= 40 for s in seen)
+
+
+async def test_shrinks_on_errors_down_to_its_minimum() -> None:
+    # CASE: throttled calls cut the limit (multiplicatively) to the minimum, never below
+    clock = Clock()
+    lim = Limiter("receive", start=64, minimum=3, maximum=128, clock=clock)
+    seen = await rounds(lim, clock, 200, base_rtt=0.05, failed=True)
+    assert seen[0] <= 64 and lim.limit == 3 and min(seen) == 3
+    assert seen == sorted(seen, reverse=True)  # only ever down
+
+
+async def test_shrinks_when_downstream_is_full_and_grows_back_after() -> None:
+    # CASE: the stages behind report no room -> smaller; room again -> it climbs back (slow start to the old high)
+    clock = Clock()
+    lim = Limiter("receive", start=8, maximum=64, clock=clock)
+    await rounds(lim, clock, 100, base_rtt=0.05)
+    high = lim.limit
+    for _ in range(40):
+        lim.congested()
+        await rounds(lim, clock, 1, base_rtt=0.05)
+    assert lim.limit < high / 4
+    await rounds(lim, clock, 200, base_rtt=0.05)
+    assert lim.limit >= high / 2
+
+
+async def test_idle_receives_drift_back_to_the_start() -> None:
+    # CASE: empty long polls (no messages) carry no signal: the limit returns to where it started
+    clock = Clock()
+    lim = Limiter("receive", start=8, maximum=128, clock=clock)
+    await rounds(lim, clock, 100, base_rtt=0.05)
+    assert lim.limit > 8
+    await rounds(lim, clock, 100, base_rtt=0.05, items=0)
+    assert lim.limit == 8
+
+
+async def test_no_demand_no_growth() -> None:
+    # CASE: calls never fill the limit (demand below it): nothing to learn, the limit stays
+    clock = Clock()
+    lim = Limiter("delete", start=16, maximum=128, clock=clock)
+    for _ in range(200):
+        await lim.acquire()
+        clock.now += 0.05
+        lim.observe(0.05, 10)
+        lim.release()
+    assert lim.limit == 16
+
+
+async def test_pinned_never_moves_and_admits_at_most_its_number() -> None:
+    # CASE: a pinned limit ignores errors, congestion and latency; a call past it waits for a release
+    clock = Clock()
+    lim = Limiter("receive", start=8, minimum=1, maximum=128, pinned=5, clock=clock)
+    seen = await rounds(lim, clock, 50, base_rtt=0.05)
+    lim.congested()
+    seen += await rounds(lim, clock, 50, base_rtt=0.05, failed=True)
+    assert set(seen) == {5}
+    for _ in range(5):
+        await lim.acquire()
+    sixth = asyncio.create_task(lim.acquire())
+    await asyncio.sleep(0)
+    assert not sixth.done() and lim.in_use == 5
+    lim.release()
+    await asyncio.wait_for(sixth, 1)
+    assert lim.in_use == 5
+
+
+async def test_a_cancelled_waiter_takes_no_slot() -> None:
+    # CASE: a receiver cancelled while waiting for a permit (shutdown) leaves the count right
+    lim = Limiter("receive", start=1, pinned=1)
+    await lim.acquire()
+    waiter = asyncio.create_task(lim.acquire())
+    await asyncio.sleep(0)
+    waiter.cancel()
+    await asyncio.gather(waiter, return_exceptions=True)
+    lim.release()
+    assert lim.in_use == 0
+    await asyncio.wait_for(lim.acquire(), 1)
+
+
+@pytest.mark.parametrize("setting", [7, None])
+async def test_tracked_limits_show_in_stats(setting: int | None) -> None:
+    # CASE: the current limit is what /metrics and the progress line read (stats.concurrency[op])
+    stats, clock = Stats(), Clock()
+    lim = tracked("delete", stats, setting if setting is not None else Limiter("delete", start=4, maximum=64, clock=clock))
+    assert stats.concurrency["delete"] == lim.limit
+    await rounds(lim, clock, 60, base_rtt=0.05)
+    assert stats.concurrency["delete"] == lim.limit == (7 if setting else lim.limit)
+    if setting is None:
+        assert lim.limit > 4
