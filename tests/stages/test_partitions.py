@@ -137,3 +137,20 @@ async def test_a_legacy_table_stays_unpartitioned_and_a_new_one_can_be_plain(con
         "masked_device_id text, locale character varying(32), app_version character varying(32), create_date date, "
         "message_id character varying(128))",
         "CREATE UNIQUE INDEX plain_message_id_key ON plain (message_id)"]
+
+
+async def test_periodic_maintenance_adds_months_and_applies_retention(pg_dsn: str, conn: asyncpg.Connection) -> None:
+    from pipeline.settings import Settings
+    from pipeline.table.maintenance import maintain
+
+    settings = Settings(postgres={"dsn": pg_dsn, "retention_days": 30, "partitions_ahead": 1})
+    first = await maintain(settings, today=dt.date(2026, 1, 5))
+    assert len(first["changes"]) == 7 and first["retention"]["rows_deleted_total"] == 0  # table, key, 2 indexes, 3
+    await insert(conn, [row("u", dt.date(2026, 1, 6), "a"), row("u", dt.date(2026, 2, 20), "b")])
+    later = await maintain(settings, today=dt.date(2026, 3, 10))
+    assert later["changes"] == ["CREATE TABLE user_logins_2026_03 PARTITION OF user_logins FOR VALUES FROM "
+                                "('2026-03-01') TO ('2026-04-01')",
+                                "CREATE TABLE user_logins_2026_04 PARTITION OF user_logins FOR VALUES FROM "
+                                "('2026-04-01') TO ('2026-05-01')"]
+    assert later["retention"]["partitions_dropped"] == ["user_logins_2026_01"]
+    assert [r[0] for r in await conn.fetch("SELECT message_id FROM user_logins")] == ["b"]
