@@ -1,0 +1,193 @@
+"""``python -m pipeline bench --table``: what the table's layout costs and saves, on PostgreSQL alone.
+
+* **ingest**: COPY-with-upsert (the sink's own statements, ``stages.sink.upsert_sql``) of fresh
+  rows dated today, in ``pipeline.batch_size`` batches, into a partitioned table (with the
+  configured indexes, and without them: their cost) and into an unpartitioned one (unique
+  ``message_id`` only), each empty and then holding ``--table-rows`` rows spread over the past
+  year. The fill is generated server-side (``generate_series``) and indexed afterwards: fast.
+* **retention**: removing a month of ``--month-rows`` rows by dropping its partition
+  (``retention``), and by batched ``DELETE`` from an unpartitioned table.
+
+Tables are private (``bench_tbl_*``) and dropped after. No SQS is involved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import sys
+import time
+import uuid
+from typing import Any
+
+import asyncpg
+import orjson
+
+from stages.sink import STAGE_TABLE, create_stage_table, upsert_sql
+from stages.transform import COLUMNS
+
+from ...settings import Settings
+from ...table.partitions import Layout, add_months, create_statements, month_start
+from ...table.retention import retention
+
+__all__ = ["table_bench", "add_table_arguments", "table_command"]
+
+log = logging.getLogger("pipeline.bench")
+
+_FILL = ("INSERT INTO {t} (user_id, device_type, masked_ip, masked_device_id, locale, app_version, create_date, message_id) "
+         "SELECT 'user-' || (i % 100000), 'android', 'k.' || md5(i::text), 'k.' || md5((i % 7919)::text), 'RU', '2.3.0', "
+         "{start}::date + (i % {days}), md5(i::text) FROM generate_series({lo}, {hi}) i")
+
+
+async def _create(conn: asyncpg.Connection, table: str, kind: str, indexes: tuple[str, ...], today: dt.date) -> None:
+    await conn.execute(f"DROP TABLE IF EXISTS {table} CASCADE")
+    if kind == "unpartitioned":
+        await conn.execute(create_statements(table, Layout(indexes=()), months=[])[0].replace(
+            " PARTITION BY RANGE (create_date)", ""))
+        return
+    months = [add_months(month_start(today), i) for i in range(-13, 3)]
+    for stmt in create_statements(table, Layout(indexes=indexes, today=today), months=months):
+        if "INDEX" not in stmt:  # indexes after the fill: building is faster than maintaining
+            await conn.execute(stmt)
+
+
+async def _index(conn: asyncpg.Connection, table: str, kind: str, indexes: tuple[str, ...], today: dt.date) -> None:
+    if kind == "unpartitioned":
+        await conn.execute(f"CREATE UNIQUE INDEX {table}_message_id_key ON {table} (message_id)")
+        return
+    for stmt in create_statements(table, Layout(indexes=indexes, today=today), months=[]):
+        if "INDEX" in stmt:
+            await conn.execute(stmt)
+
+
+async def _fill(conn: asyncpg.Connection, table: str, rows: int, today: dt.date, chunk: int = 1_000_000) -> None:
+    start = today - dt.timedelta(days=365)
+    for lo in range(1, rows + 1, chunk):
+        await conn.execute(_FILL.format(t=table, start=f"'{start}'", days=365, lo=lo, hi=min(lo + chunk - 1, rows)))
+    await conn.execute(f"VACUUM ANALYZE {table}")
+
+
+async def _ingest(conn: asyncpg.Connection, table: str, batches: int, batch_size: int, today: dt.date) -> dict[str, Any]:
+    await conn.execute(f"DROP TABLE IF EXISTS pg_temp.{STAGE_TABLE}")
+    await create_stage_table(conn, table)
+    insert = upsert_sql(table)
+    seconds, rows = 0.0, 0
+    for b in range(batches):
+        fresh = [{"user_id": "user-1", "device_type": "ios", "masked_ip": f"k.ip{b}-{i}", "masked_device_id": f"k.dev{i}",
+                  "locale": None, "app_version": "2.3.0", "create_date": today, "message_id": str(uuid.uuid4())}
+                 for i in range(batch_size)]
+        records = [tuple(r[c] for c in COLUMNS) for r in fresh]
+        t0 = time.perf_counter()
+        async with conn.transaction():
+            await conn.copy_records_to_table(STAGE_TABLE, records=records, columns=COLUMNS, schema_name="pg_temp")
+            await conn.execute(insert)
+        seconds += time.perf_counter() - t0
+        rows += batch_size
+    return {"rows": rows, "seconds": round(seconds, 3), "rows_per_s": round(rows / seconds) if seconds else None}
+
+
+async def table_bench(dsn: str, *, table_rows: int = 10_000_000, month_rows: int = 1_000_000, batches: int = 50,
+                      batch_size: int = 2000, indexes: tuple[str, ...] = ("masked_ip", "masked_device_id"),
+                      today: dt.date | None = None) -> dict[str, Any]:
+    """Run every measurement; return ``{"ingest": {...}, "retention": {...}, "ratios": {...}}``."""
+    today = today or dt.datetime.now(dt.UTC).date()
+    conn = await asyncpg.connect(dsn, command_timeout=None)
+    out: dict[str, Any] = {"table_rows": table_rows, "month_rows": month_rows, "batch_size": batch_size,
+                           "indexes": list(indexes), "ingest": {}, "retention": {}}
+    try:
+        variants = [("partitioned", indexes, True), ("partitioned_no_indexes", (), False), ("unpartitioned", (), True)]
+        for name, idx, big in variants:
+            kind = "unpartitioned" if name == "unpartitioned" else "partitioned"
+            table = f"bench_tbl_{kind[0]}"
+            for fill in ([0, table_rows] if big else [0]):
+                await _create(conn, table, kind, idx, today)
+                if fill:
+                    t0 = time.perf_counter()
+                    await _fill(conn, table, fill, today)
+                    log.info("bench table filled", extra={"table": name, "rows": fill,
+                                                          "seconds": round(time.perf_counter() - t0, 1)})
+                await _index(conn, table, kind, idx, today)
+                out["ingest"][f"{name}@{fill}"] = r = await _ingest(conn, table, batches, batch_size, today)
+                log.info("bench ingest", extra={"table": name, "rows_before": fill, **r})
+            await conn.execute(f"DROP TABLE {table} CASCADE")
+        out["retention"] = await _retention(conn, month_rows, today)
+    finally:
+        for t in ("bench_tbl_p", "bench_tbl_u"):
+            await conn.execute(f"DROP TABLE IF EXISTS {t} CASCADE")
+        await conn.close()
+    ing = out["ingest"]
+
+    def ratio(a: str, b: str) -> float | None:
+        x, y = ing.get(a, {}).get("rows_per_s"), ing.get(b, {}).get("rows_per_s")
+        return round(x / y, 2) if x and y else None
+
+    out["ratios"] = {
+        "partitioned_full_vs_empty": ratio(f"partitioned@{table_rows}", "partitioned@0"),
+        "unpartitioned_full_vs_empty": ratio(f"unpartitioned@{table_rows}", "unpartitioned@0"),
+        "partitioned_vs_unpartitioned_full": ratio(f"partitioned@{table_rows}", f"unpartitioned@{table_rows}"),
+        "indexes_cost_empty": ratio("partitioned@0", "partitioned_no_indexes@0"),
+    }
+    r = out["retention"]
+    out["met"] = {"ingest_full_ge_0.9_empty": (out["ratios"]["partitioned_full_vs_empty"] or 0) >= 0.9,
+                  "drop_month_under_1s": r["drop_partition_s"] < 1.0}
+    return out
+
+
+async def _retention(conn: asyncpg.Connection, month_rows: int, today: dt.date) -> dict[str, Any]:
+    """A month of ``month_rows`` rows a year back, removed by dropping its partition and by DELETE."""
+    old = add_months(month_start(today), -12)
+    keep = (today - old).days - 31  # the cutoff falls after that month, before the next ones
+    result: dict[str, Any] = {}
+    for kind in ("partitioned", "unpartitioned"):
+        table = f"bench_tbl_{kind[0]}"
+        await _create(conn, table, kind, (), today)
+        await conn.execute(_FILL.format(t=table, start=f"'{old}'", days=28, lo=1, hi=month_rows))
+        await conn.execute(_FILL.format(t=table, start=f"'{add_months(old, 2)}'", days=28, lo=month_rows + 1,
+                                        hi=month_rows + month_rows // 10))
+        await _index(conn, table, kind, (), today)
+        await conn.execute(f"VACUUM ANALYZE {table}")
+        t0 = time.perf_counter()
+        report = await retention(conn, table, keep, today=today)
+        seconds = round(time.perf_counter() - t0, 3)
+        if kind == "partitioned":
+            result.update(drop_partition_s=seconds, partitions_dropped=report["partitions_dropped"])
+        else:
+            result.update(delete_s=seconds, rows_deleted=report["rows_deleted_total"])
+        await conn.execute(f"DROP TABLE {table} CASCADE")
+    return result
+
+
+def add_table_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--table", action="store_true",
+                   help="instead: the table's layout on PostgreSQL alone: COPY-with-upsert into partitioned and "
+                        "unpartitioned tables, empty and full, and retention of a month by DROP vs DELETE "
+                        "(writes table.json)")
+    p.add_argument("--table-rows", type=int, default=10_000_000,
+                   help="with --table: rows in the full table (default: %(default)s)")
+    p.add_argument("--month-rows", type=int, default=1_000_000,
+                   help="with --table: rows of the month that retention removes (default: %(default)s)")
+    p.add_argument("--table-batches", type=int, default=50,
+                   help="with --table: COPY batches measured per variant (default: %(default)s)")
+
+
+async def table_command(settings: Settings, args: argparse.Namespace) -> int:
+    """``bench --table``: one line per measurement on stdout, then one JSON line (ratios, targets met, file)."""
+    from ...embedded import embedded
+
+    if min(args.table_rows, args.month_rows, args.table_batches) < 1:
+        print("error: --table-rows, --month-rows and --table-batches must be >= 1", file=sys.stderr)
+        return 2
+    async with embedded(settings, broker=False, key=False) as effective:
+        result = await table_bench(effective.postgres.dsn.get_secret_value(), table_rows=args.table_rows,
+                                   month_rows=args.month_rows, batches=args.table_batches,
+                                   batch_size=effective.pipeline.batch_size, indexes=effective.postgres.index_columns)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "table.json"
+    path.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+    for name, r in result["ingest"].items():
+        print(f"ingest {name:<36} {r['rows_per_s']:>10,} rows/s")
+    ret = result["retention"]
+    print(f"retention of {args.month_rows:,} rows: drop partition {ret['drop_partition_s']} s, DELETE {ret['delete_s']} s")
+    sys.stdout.write(orjson.dumps({"ratios": result["ratios"], "met": result["met"], "files": {"json": str(path)}}).decode() + "\n")
+    return 0
