@@ -26,7 +26,8 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 from stages.message import (
-    DEAD_LETTER_ATTRIBUTES, DL_RULE, DL_SOURCE_ID, DL_SOURCE_SENT, ORIGIN_ATTRIBUTES, ORIGIN_ID, ORIGIN_SENT,
+    DEAD_LETTER_ATTRIBUTES, DL_RULE, DL_SOURCE_EVENT_INDEX, DL_SOURCE_ID, DL_SOURCE_SENT, ORIGIN_ATTRIBUTES, ORIGIN_ID,
+    ORIGIN_SENT,
     ORIGIN_SIG, OriginAuth, has_origin, origin, valid_sent,
 )
 from stages.sqs import describe as _describe, send_batches
@@ -47,11 +48,15 @@ def _identity(msg: dict, auth: OriginAuth) -> tuple[str, str]:
     """The event a dead letter stands for: the acker's ``source_*`` notes (written from a verified
     origin or the message's own id), else a verified origin (a message an SQS redrive policy moved
     with its attributes), else the DLQ message's own id and time. Unverified origin attributes are
-    never promoted to a signed identity."""
+    never promoted to a signed identity. The dead letter of one event of a multi-event message
+    (``source_event_index``) stands for ``<source id>:<index>``, the key its row would have had."""
     attrs = msg.get("MessageAttributes") or {}
     src_id = (attrs.get(DL_SOURCE_ID) or {}).get("StringValue")
     src_sent = (attrs.get(DL_SOURCE_SENT) or {}).get("StringValue")
     if src_id and valid_sent(src_sent):
+        index = (attrs.get(DL_SOURCE_EVENT_INDEX) or {}).get("StringValue")
+        if index and index.isdecimal() and len(index) <= 9:
+            return f"{src_id}:{int(index)}", src_sent  # type: ignore[return-value]
         return src_id, src_sent  # type: ignore[return-value]
     if has_origin(msg) and auth.problem(msg) is None:
         mid, sent = origin(msg)

@@ -28,7 +28,7 @@ from stages.leases import Heartbeat, Leases, release
 from stages.sink import CopySink, create_stage_table
 from stages.source import SqsSource
 from stages.sqs import classify
-from stages.transform import Transformer
+from stages.transform import Decoding, Transformer
 
 from stages.stats import Stats
 
@@ -93,12 +93,13 @@ async def run(
         rows: asyncio.Queue = asyncio.Queue(p.queue_size)
         acks: asyncio.Queue = asyncio.Queue(p.queue_size * 4)
         rt.queues = {"raw": raw, "rows": rows, "acks": acks}
-        leases = rt.leases = Leases(s.max_in_flight)
+        leases = rt.leases = Leases(s.max_in_flight, p.max_in_flight_rows, p.max_in_flight_bytes)
         source = rt.source = SqsSource(
             client, s.queue_url, raw, leases, stats,
             receivers=s.receivers, wait_time_seconds=s.wait_time_seconds, visibility_timeout=s.visibility_timeout,
         )
-        transformer = Transformer(raw, rows, acks, masker, stats, s.max_receive_count)
+        transformer = Transformer(raw, rows, acks, masker, stats, s.max_receive_count, leases=leases, decoding=Decoding(
+            envelope=s.envelope, max_decoded_bytes=p.max_decoded_bytes, max_events=p.max_events_per_message))
         sink = rt.sink = CopySink(
             pool, table, rows, acks, stats, batch_size=p.batch_size, batch_timeout=p.batch_timeout,
         )
@@ -203,6 +204,8 @@ async def _progress(rt: Runtime, interval: float) -> None:
             "rate_per_s": round((stats.inserted - last) / (now - last_t), 1),
             "received": stats.received, "inserted": stats.inserted, "duplicates": stats.duplicates,
             "rejected": stats.rejected, "acked": stats.acked, "held": len(rt.leases or ()),
+            "held_rows": rt.leases.rows if rt.leases is not None else 0,
+            "held_bytes": rt.leases.bytes if rt.leases is not None else 0,
             "backlog": rt.backlog,
         })
         last, last_t = stats.inserted, now

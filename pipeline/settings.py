@@ -69,6 +69,10 @@ class SqsSettings(_Section):
     visibility_timeout: int = Field(30, ge=0, le=43200, description=(
         "visibility timeout requested on receive (0 = the queue's); held messages are extended before it runs out"))
     max_in_flight: int = Field(5000, ge=10, description="cap on received-but-not-acked messages")
+    envelope: Literal["auto", "none", "sns", "eventbridge"] = Field("auto", description=(
+        "what wraps each body: `auto` unwraps an SNS notification (its `Message`) and an EventBridge event (its "
+        "`detail`) and takes anything else as it is; `none` never unwraps; `sns` / `eventbridge` require that "
+        "envelope and dead-letter other bodies (a redriven event dead letter is accepted bare)"))
     max_receive_count: int = Field(5, ge=1, description="a message received more often goes to the DLQ as poison")
     delete_concurrency: int | Literal["adaptive"] = Field("adaptive", description=(
         "concurrent `DeleteMessageBatch` calls of committed messages (dead letters have lanes of their own): "
@@ -213,7 +217,8 @@ class MaskingSettings(_Section):
         "KMS-wrapped entries `<key id>:kms:<blob>`, comma-separated, unwrapped with `Decrypt` at start-up"))
     kms_endpoint_url: str = Field("", description=(
         "KMS endpoint; empty = `sqs.endpoint_url` (LocalStack), else AWS; region = `sqs.region`"))
-    audit_log: str = Field("", description="file `unmask` appends its audit records to (besides stderr)")
+    audit_log: str = Field("", description=(
+        "file `unmask`, `retention` and `erase` append their audit records to (besides stderr)"))
 
     @field_validator("kms_endpoint_url")
     @classmethod
@@ -237,6 +242,17 @@ class PipelineSettings(_Section):
     state_dir: Path = Field(Path(".pipeline"), description="embedded default's state")
     sample_size: int = Field(100, ge=0, description="valid events seeded into the embedded queue")
     progress_interval: float = Field(10, gt=0, description="seconds between progress log lines")
+    max_decoded_bytes: int = Field(10 * 2**20, ge=1024, description=(
+        "cap on one message's decompressed (gzip) payload, in bytes; a larger one is dead-lettered whole "
+        "(`encoding.too_large`) without ever being expanded further"))
+    max_events_per_message: int = Field(10_000, ge=1, description=(
+        "cap on the events one message may carry (JSON array or newline-delimited); more is dead-lettered whole "
+        "(`framing.too_many_events`)"))
+    max_in_flight_rows: int = Field(100_000, ge=1, description=(
+        "receiving pauses while the held messages carry this many events (a message of 1,000 events counts "
+        "1,000; `sqs.max_in_flight` counts messages)"))
+    max_in_flight_bytes: int = Field(128 * 2**20, ge=2**20, description=(
+        "receiving pauses while the held messages' bodies and decompressed payloads reach this many bytes"))
     processes: int = Field(1, ge=1, le=64, description=(
         "worker processes `run` starts on the same queue (one core each); a dead worker is replaced with backoff "
         "(or the run fails past a restart budget); worker `i` serves HTTP on `http.port + i`"))

@@ -4,7 +4,8 @@ The acker consumes typed outcomes from the transformer and the sink:
 
 - ``Committed``: the rows are in the table; delete the messages (``DeleteMessageBatch``).
 - ``DeadLetter``: the messages can never become rows; send them to the DLQ with the reason,
-  then delete them.
+  then delete them. One event of a multi-event message is dead-lettered alone (its JSON, with
+  ``source_event_index``), and its message is deleted only once all its events are resolved.
 - ``Redeliver``: not stored and not dead; drop the lease so the visibility timeout brings the
   message back.
 
@@ -27,7 +28,10 @@ from typing import Any, assert_never
 from tenacity import AsyncRetrying, retry_if_exception
 
 from . import backoff, events
-from .message import DL_REASON, DL_RULE, DL_SOURCE_ID, DL_SOURCE_QUEUE, DL_SOURCE_SENT, origin
+from .message import (
+    CONTENT_ENCODING, DL_REASON, DL_RULE, DL_SOURCE_EVENT_INDEX, DL_SOURCE_ID, DL_SOURCE_QUEUE, DL_SOURCE_SENT, origin,
+)
+from .parts import Item, body_of, event_index, key_of, log_id, settle, source_of
 from .sqs import RETRYABLE, Fault, chunks, classify, classify_entry, error_code, is_fifo, send_batches
 from .stats import Stats
 from .leases import Leases
@@ -41,25 +45,30 @@ DEAD_LETTER_ATTEMPTS = 6  # dead-letter sends likewise (about 10 s of backoff): 
 DEAD_LETTER_LANES = 2  # concurrent dead-letter sends; a FIFO group always uses the same lane, in order
 
 
+# Outcomes are about items: a message of one event, or one event (``stages.parts.Part``) of a
+# multi-event message. ``settle`` turns resolved items into messages to delete or give back: a
+# split message goes only once its last event is resolved.
+
+
 @dataclass(slots=True, frozen=True)
 class Committed:
-    """Messages whose rows are committed (inserted, or already there): delete them."""
+    """Items whose rows are committed (inserted, or already there): delete their messages."""
 
-    msgs: list[dict]
+    msgs: list[Item]
 
 
 @dataclass(slots=True, frozen=True)
 class DeadLetter:
-    """Messages that can never become rows, each with its rule and reason: DLQ, then delete."""
+    """Items that can never become rows, each with its rule and reason: DLQ, then delete."""
 
-    entries: list[tuple[dict, str, str]]
+    entries: list[tuple[Item, str, str]]
 
 
 @dataclass(slots=True, frozen=True)
 class Redeliver:
-    """Messages to leave for redelivery: the lease is dropped, the visibility timeout brings them back."""
+    """Items to leave for redelivery: the message's lease is dropped, the visibility timeout brings it back."""
 
-    msgs: list[dict]
+    msgs: list[Item]
 
 
 Outcome = Committed | DeadLetter | Redeliver
@@ -102,12 +111,14 @@ class Acker:
                     case None:
                         break
                     case Committed(msgs):
-                        for chunk in chunks(msgs):
+                        done, back = settle(msgs)
+                        self._drop(back)
+                        for chunk in chunks(done):
                             await self._spawn_delete(chunk)
                     case DeadLetter(entries):
                         self._route(entries)
                     case Redeliver(msgs):
-                        self.leases.drop([m["ReceiptHandle"] for m in msgs])
+                        self._drop(settle(msgs, keep=True)[1])
                     case _:
                         assert_never(item)
             for q in self._lanes:
@@ -168,7 +179,7 @@ class Acker:
 
     # -- dead letters ------------------------------------------------------------------------
 
-    def _route(self, entries: list[tuple[dict, str, str]]) -> None:
+    def _route(self, entries: list[tuple[Item, str, str]]) -> None:
         """Hand dead letters to a lane: a FIFO group always to the same one, so its order holds."""
         if not self.fifo:
             self._lanes[self._turn % len(self._lanes)].put_nowait(entries)
@@ -176,39 +187,48 @@ class Acker:
             return
         by_lane: dict[int, list] = {}
         for d in entries:
-            group = (d[0].get("Attributes") or {}).get("MessageGroupId", "")
+            group = (source_of(d[0]).get("Attributes") or {}).get("MessageGroupId", "")
             by_lane.setdefault(hash(group) % len(self._lanes), []).append(d)
         for lane, part in by_lane.items():
             self._lanes[lane].put_nowait(part)
 
     async def _lane(self, q: asyncio.Queue) -> None:
         while (entries := await q.get()) is not None:
-            for chunk in send_batches(entries, lambda d: d[0]["Body"]):
+            for chunk in send_batches(entries, lambda d: body_of(d[0])):
                 await self._send_dead(chunk)
 
-    def _dead_attributes(self, msg: dict, rule: str, reason: str) -> dict:
-        """Why, and which event: ``redrive`` turns the source id and time back into the row's identity.
+    def _dead_attributes(self, item: Item, rule: str, reason: str) -> dict:
+        """Why, and which event: ``redrive`` turns the source id and time (and event index) back into the row's identity.
 
         ``origin(msg)`` is safe here: the transformer has stripped origin attributes that do not authenticate.
         """
+        msg = source_of(item)
         mid, sent = origin(msg)
-        return {
+        attrs = {
             DL_REASON: {"DataType": "String", "StringValue": reason},
             DL_RULE: {"DataType": "String", "StringValue": rule},
             DL_SOURCE_ID: {"DataType": "String", "StringValue": mid},
             DL_SOURCE_SENT: {"DataType": "Number", "StringValue": str(sent)},
             DL_SOURCE_QUEUE: {"DataType": "String", "StringValue": self.queue_url},
         }
+        index = event_index(item)
+        if index is not None:  # one event of a batch: its body is that event's JSON alone
+            attrs[DL_SOURCE_EVENT_INDEX] = {"DataType": "Number", "StringValue": str(index)}
+        elif CONTENT_ENCODING in (msg.get("MessageAttributes") or {}):  # the whole body, still encoded
+            attrs[CONTENT_ENCODING] = {"DataType": "String",
+                                       "StringValue": msg["MessageAttributes"][CONTENT_ENCODING].get("StringValue", "")}
+        return attrs
 
-    def _dead_entry(self, i: int, msg: dict, rule: str, reason: str) -> dict:
-        entry = {"Id": str(i), "MessageBody": msg["Body"], "MessageAttributes": self._dead_attributes(msg, rule, reason)}
+    def _dead_entry(self, i: int, item: Item, rule: str, reason: str) -> dict:
+        entry = {"Id": str(i), "MessageBody": body_of(item),
+                 "MessageAttributes": self._dead_attributes(item, rule, reason)}
         if self.fifo:  # keep the group, so the DLQ holds a group's dead letters in their order
-            entry["MessageGroupId"] = (msg.get("Attributes") or {}).get("MessageGroupId") or "dead-letters"
+            entry["MessageGroupId"] = (source_of(item).get("Attributes") or {}).get("MessageGroupId") or "dead-letters"
             # One dead letter per event: a resend after a crash is dropped by the DLQ's deduplication.
-            entry["MessageDeduplicationId"] = hashlib.sha256(origin(msg)[0].encode()).hexdigest()
+            entry["MessageDeduplicationId"] = hashlib.sha256(key_of(item).encode()).hexdigest()
         return entry
 
-    async def _send_dead(self, chunk: list[tuple[dict, str, str]]) -> None:
+    async def _send_dead(self, chunk: list[tuple[Item, str, str]]) -> None:
         """Send ``chunk`` to the DLQ with bounded attempts; delete what was sent, give back the rest."""
         pending = {str(i): d for i, d in enumerate(chunk)}
         entries = {i: self._dead_entry(int(i), *d) for i, d in pending.items()}
@@ -250,20 +270,26 @@ class Acker:
                     return
                 await asyncio.sleep(backoff.delay(attempt))
 
-    async def _dead_lettered(self, sent: list[tuple[dict, str, str]]) -> None:
-        for msg, rule, reason in sent:
-            self.refused.pop(msg["MessageId"], None)
-            events.dead_lettered(self.stats, rule, reason, msg["MessageId"])
-        msgs = [m for m, _, _ in sent]
-        for chunk in chunks(msgs):
+    async def _dead_lettered(self, sent: list[tuple[Item, str, str]]) -> None:
+        for item, rule, reason in sent:
+            self.refused.pop(source_of(item)["MessageId"], None)
+            events.dead_lettered(self.stats, rule, reason, log_id(item))
+        done, back = settle([item for item, _, _ in sent])
+        self._drop(back)
+        for chunk in chunks(done):
             await self._spawn_delete(chunk)
 
-    def _refuse(self, dead: list[tuple[dict, str, str]], code: str) -> None:
-        for msg, rule, _ in dead:
-            self.refused[msg["MessageId"]] = code
-            events.dead_letter_refused(self.stats, code, rule, msg["MessageId"], fifo=self.fifo)
-        self.leases.drop([m["ReceiptHandle"] for m, _, _ in dead])
+    def _refuse(self, dead: list[tuple[Item, str, str]], code: str) -> None:
+        for item, rule, _ in dead:
+            self.refused[source_of(item)["MessageId"]] = code  # the message stays: counted once
+            events.dead_letter_refused(self.stats, code, rule, log_id(item), fifo=self.fifo)
+        self._drop(settle([item for item, _, _ in dead], keep=True)[1])
 
-    def _give_back(self, dead: list[tuple[dict, str, str]], exc_or_code: BaseException | str) -> None:
+    def _give_back(self, dead: list[tuple[Item, str, str]], exc_or_code: BaseException | str) -> None:
         events.dead_letters_given_up(self.stats, len(dead), exc_or_code)
-        self.leases.drop([m["ReceiptHandle"] for m, _, _ in dead])
+        self._drop(settle([item for item, _, _ in dead], keep=True)[1])
+
+    def _drop(self, msgs: list[dict]) -> None:
+        """Give messages back: their leases go, the visibility timeout brings them back."""
+        if msgs:
+            self.leases.drop([m["ReceiptHandle"] for m in msgs])

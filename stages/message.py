@@ -10,7 +10,8 @@ Two families of attributes cross the queues:
   otherwise make distinct events collapse into one row (the rest deleted as duplicates) or
   backdate them. Only redrive holds the key ring, so only redrive can sign an identity, and
   the transformer dead-letters any origin attribute that does not authenticate.
-- **dead letter** (``reason``, ``rule``, ``source_*``): what the acker writes on a DLQ entry.
+- **dead letter** (``reason``, ``rule``, ``source_*``): what the acker writes on a DLQ entry;
+  ``source_event_index`` marks the dead letter of one event of a multi-event message.
 
 The signature is HMAC-SHA-256 under a subkey derived with HKDF from each masking key (the
 AES-SIV key bytes are never used for anything else), over the key id, the origin id, the
@@ -32,7 +33,8 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 __all__ = [
     "ORIGIN_ID", "ORIGIN_SENT", "ORIGIN_SIG", "ORIGIN_ATTRIBUTES", "UNAUTHENTICATED",
-    "DL_REASON", "DL_RULE", "DL_SOURCE_ID", "DL_SOURCE_SENT", "DL_SOURCE_QUEUE", "DEAD_LETTER_ATTRIBUTES",
+    "DL_REASON", "DL_RULE", "DL_SOURCE_ID", "DL_SOURCE_SENT", "DL_SOURCE_QUEUE", "DL_SOURCE_EVENT_INDEX",
+    "DEAD_LETTER_ATTRIBUTES", "CONTENT_ENCODING", "RECEIVED_ATTRIBUTES",
     "origin", "has_origin", "strip_origin", "valid_sent", "OriginAuth",
 ]
 
@@ -52,7 +54,15 @@ UNAUTHENTICATED = "origin.unauthenticated"  # the dead-letter rule for origin at
 # Set by the acker on every dead letter; they describe the rejection, not the event.
 DL_REASON, DL_RULE, DL_SOURCE_QUEUE = "reason", "rule", "source_queue"
 DL_SOURCE_ID, DL_SOURCE_SENT = "source_message_id", "source_sent_timestamp"
-DEAD_LETTER_ATTRIBUTES = frozenset((DL_REASON, DL_RULE, DL_SOURCE_ID, DL_SOURCE_SENT, DL_SOURCE_QUEUE))
+# On the dead letter of one event of a multi-event message: its index, so redrive restores `<source id>:<index>`.
+DL_SOURCE_EVENT_INDEX = "source_event_index"
+DEAD_LETTER_ATTRIBUTES = frozenset((DL_REASON, DL_RULE, DL_SOURCE_ID, DL_SOURCE_SENT, DL_SOURCE_QUEUE,
+                                    DL_SOURCE_EVENT_INDEX))
+
+# Set by producers: `gzip` says the body (or SNS Message) is base64 of gzip data (stages.decode).
+CONTENT_ENCODING = "content-encoding"
+# The message attributes the source asks SQS for: nothing else is read.
+RECEIVED_ATTRIBUTES = (*ORIGIN_ATTRIBUTES, CONTENT_ENCODING)
 
 _INFO = b"login-pipeline origin v1"  # HKDF context: these subkeys are for origin MACs and nothing else
 _MAX_SENT_DIGITS = 14  # milliseconds until the year 5138: anything longer is not a date

@@ -24,6 +24,7 @@ from tenacity import AsyncRetrying, retry_if_exception
 
 from . import backoff, events
 from .acker import Committed, DeadLetter, Redeliver
+from .parts import log_id
 from .pgerrors import PgFault, classify, sqlstate
 from .stats import Stats
 from .transform import COLUMNS
@@ -110,9 +111,12 @@ class CopySink:
                     deadline = loop.time() + self.batch_timeout
                 rows += item[0]
                 msgs += item[1]
-                if len(rows) >= batch_size:
-                    writing = await start(rows, msgs)
-                    rows, msgs = [], []
+                # One receive of multi-event messages may bring thousands of rows: cut exact batches.
+                while len(rows) >= batch_size:
+                    writing = await start(rows[:batch_size], msgs[:batch_size])
+                    rows, msgs = rows[batch_size:], msgs[batch_size:]
+                    if rows:
+                        deadline = loop.time() + self.batch_timeout
         finally:
             if writing is not None and not writing.done():
                 writing.cancel()
@@ -161,9 +165,9 @@ class CopySink:
             if len(rows) == 1:
                 state = sqlstate(exc) or "client"
                 if fault is PgFault.SUSPECT:
-                    events.row_left_for_redelivery(self.stats, state, exc, msgs[0]["MessageId"])
+                    events.row_left_for_redelivery(self.stats, state, exc, log_id(msgs[0]))
                     return 0, [], [msgs[0]]
-                events.row_rejected_by_database(state, msgs[0]["MessageId"])
+                events.row_rejected_by_database(state, log_id(msgs[0]))
                 return 0, [(msgs[0], f"db.{state}", f"database rejected the row: {state} {type(exc).__name__}: {str(exc)[:200]}")], []
         mid = len(rows) // 2
         n1, bad1, later1 = await self._write_isolating(rows[:mid], msgs[:mid])

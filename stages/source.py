@@ -18,7 +18,7 @@ from typing import Any
 from . import backoff, events
 from .concurrency import Limiter, tracked
 from .leases import Leases
-from .message import ORIGIN_ATTRIBUTES
+from .message import RECEIVED_ATTRIBUTES
 from .sqs import RETRYABLE, classify
 from .stats import Stats
 
@@ -41,7 +41,8 @@ class SqsSource:
             "WaitTimeSeconds": wait_time_seconds,
             # MessageGroupId: a FIFO message's dead letter keeps its group (absent on standard queues).
             "MessageSystemAttributeNames": ["SentTimestamp", "ApproximateReceiveCount", "MessageGroupId"],
-            "MessageAttributeNames": list(ORIGIN_ATTRIBUTES),  # set only on redriven messages
+            # origin_*: set only on redriven messages; content-encoding: set by producers of gzip bodies
+            "MessageAttributeNames": list(RECEIVED_ATTRIBUTES),
         }
         if visibility_timeout:
             self._request["VisibilityTimeout"] = visibility_timeout

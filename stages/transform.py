@@ -18,11 +18,13 @@ from typing import Any
 import orjson
 
 from .acker import DeadLetter
+from .decode import BadEvent, Decoding, Rejected, decode, has_nul, json_type, parse_error
 from .masking import Masker
 from .message import ORIGIN_ATTRIBUTES, ORIGIN_ID, ORIGIN_SENT, UNAUTHENTICATED, has_origin, origin, strip_origin
+from .parts import Group, Part
 
-__all__ = ["COLUMNS", "Rejected", "to_row", "normalise_ip", "origin", "ORIGIN_ATTRIBUTES", "ORIGIN_ID", "ORIGIN_SENT",
-           "Transformer"]
+__all__ = ["COLUMNS", "Rejected", "to_row", "event_row", "normalise_ip", "origin", "ORIGIN_ATTRIBUTES", "ORIGIN_ID",
+           "ORIGIN_SENT", "Decoding", "Transformer"]
 
 log = logging.getLogger("pipeline.transform")
 
@@ -39,26 +41,10 @@ COLUMNS = (
 )
 
 _VERSION = re.compile(r"[0-9]+(?:\.[0-9]+)*")
-# A JSON \u0000 escape that is not itself escaped (an even run of backslashes before it).
-_NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 _REQUIRED = frozenset(("user_id", "device_type", "ip", "device_id", "app_version"))
 _DAY_MS = 86_400_000
 _EPOCH = dt.date(1970, 1, 1)
 _inet_pton, _inet_ntop, _AF_INET = socket.inet_pton, socket.inet_ntop, socket.AF_INET
-
-
-class Rejected(ValueError):
-    """A message that can never become a row. ``rule`` is a stable label for metrics."""
-
-    __slots__ = ("rule",)
-
-    def __init__(self, rule: str, reason: str) -> None:
-        super().__init__(reason)
-        self.rule = rule
-
-    @property
-    def reason(self) -> str:
-        return self.args[0]
 
 
 def normalise_ip(text: str) -> str:
@@ -83,7 +69,7 @@ def _text(event: dict[str, Any], field: str, max_len: int) -> str:
     if value is None:
         raise Rejected(f"{field}.missing", f"{field}: required field is missing or null")
     if type(value) is not str:
-        raise Rejected(f"{field}.type", f"{field}: must be a string, got {_json_type(value)}")
+        raise Rejected(f"{field}.type", f"{field}: must be a string, got {json_type(value)}")
     if not value:
         raise Rejected(f"{field}.empty", f"{field}: must not be empty")
     if len(value) > max_len:
@@ -91,18 +77,6 @@ def _text(event: dict[str, Any], field: str, max_len: int) -> str:
     if "\x00" in value:
         raise Rejected(f"{field}.nul", f"{field}: contains a NUL character")
     return value
-
-
-def _json_type(value: object) -> str:
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, (int, float)):
-        return "number"
-    if isinstance(value, list):
-        return "array"
-    if isinstance(value, dict):
-        return "object"
-    return type(value).__name__
 
 
 _date_cache: dict[int, dt.date] = {}
@@ -117,7 +91,7 @@ def _utc_date(sent_ms: int) -> dt.date:
 
 
 def to_row(body: str | bytes, message_id: str, sent_ms: int, masker: Masker) -> tuple:
-    """One validated, masked row in ``COLUMNS`` order, or ``Rejected`` with the reason.
+    """One validated, masked row in ``COLUMNS`` order from a one-event body, or ``Rejected`` with the reason.
 
     Reasons name the field and the rule, never the value: they end up in the DLQ,
     in logs and in metrics, where raw PII must not appear.
@@ -125,14 +99,16 @@ def to_row(body: str | bytes, message_id: str, sent_ms: int, masker: Masker) -> 
     try:
         event = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        detail = "nesting too deep" if "depth" in str(exc) or "recursion" in str(exc) else "not valid JSON"
-        raise Rejected("body.json", f"body: {detail}") from None
+        raise parse_error(exc) from None
     if type(event) is not dict:
-        raise Rejected("body.type", f"body: must be a JSON object, got {_json_type(event)}")
-    text = body if isinstance(body, str) else body.decode("utf-8", "replace")
-    if "\\u0000" in text and _NUL_ESCAPE.search(text):  # the substring test spares the regex almost always
+        raise Rejected("body.type", f"body: must be a JSON object, got {json_type(event)}")
+    if has_nul(body):
         raise Rejected("body.nul", "body: contains a NUL character")
+    return event_row(event, message_id, sent_ms, masker)
 
+
+def event_row(event: dict, message_id: str, sent_ms: int, masker: Masker) -> tuple:
+    """The row of one decoded event (a JSON object without NUL characters; see ``stages.decode``)."""
     if _REQUIRED.isdisjoint(event):
         raise Rejected("body.not_login_event", "body: not a login event (none of the required fields is present)")
     user_id = _text(event, "user_id", 128)
@@ -145,7 +121,7 @@ def to_row(body: str | bytes, message_id: str, sent_ms: int, masker: Masker) -> 
     locale = event.get("locale")
     if locale is not None:
         if type(locale) is not str:
-            raise Rejected("locale.type", f"locale: must be a string or null, got {_json_type(locale)}")
+            raise Rejected("locale.type", f"locale: must be a string or null, got {json_type(locale)}")
         if len(locale) > 32:
             raise Rejected("locale.too_long", f"locale: longer than 32 characters ({len(locale)})")
         if "\x00" in locale:
@@ -168,7 +144,7 @@ def to_row(body: str | bytes, message_id: str, sent_ms: int, masker: Masker) -> 
 
 
 class Transformer:
-    """Turns receive batches into (rows, messages) pairs for the sink.
+    """Turns receive batches into (rows, items) pairs for the sink.
 
     Rejected messages go to the acker as dead letters. A message received more than
     ``max_receive_count`` times is dead-lettered as poison before it is parsed, so one
@@ -180,6 +156,13 @@ class Transformer:
     row nor its dead letter (whose ``source_*`` notes a later redrive signs) can carry a
     forged identity. Dead-lettering rather than silently ignoring makes a misbehaving
     producer visible, and the event is not lost: redrive puts it back under its own id.
+
+    Then the body is decoded (``stages.decode``). A message of one event travels as itself,
+    keyed by its message id as it always was. A message of many events is split into
+    ``Part``s keyed ``<message id>:<index>`` (``stages.parts``): each bad event is
+    dead-lettered alone and the others go on, and the message is deleted once all of them
+    are resolved. Its decoded weight (events, bytes) is reported to ``leases``, so the
+    in-flight caps count rows and bytes, not only messages.
     """
 
     def __init__(
@@ -190,23 +173,28 @@ class Transformer:
         masker: Masker,
         stats: Any,
         max_receive_count: int,
+        *,
+        decoding: Decoding = Decoding(),
+        leases: Any = None,
     ) -> None:
         self.inbox, self.sink, self.acker = inbox, sink, acker
         self.masker = masker
         self.stats = stats
         self.max_receive_count = max_receive_count
+        self.decoding = decoding
+        self.leases = leases
 
     async def run(self) -> None:
         inbox_get, sink_put, masker, max_rc = self.inbox.get, self.sink.put, self.masker, self.max_receive_count
-        auth = masker.origin_auth
+        auth, how, weigh = masker.origin_auth, self.decoding, self.leases.weigh if self.leases is not None else None
         while True:
             batch = await inbox_get()
             if batch is None:
                 await sink_put(None)
                 return
             rows: list[tuple] = []
-            msgs: list[dict] = []
-            dead: list[tuple[dict, str, str]] = []
+            items: list = []
+            dead: list[tuple[Any, str, str]] = []
             for msg in batch:
                 attrs = msg.get("Attributes") or {}
                 try:
@@ -223,14 +211,36 @@ class Transformer:
                             "poison",
                             f"poison: received {attrs['ApproximateReceiveCount']} times without being stored",
                         )
-                    if redriven:  # authenticated: keep the original's id and date
-                        rows.append(to_row(msg["Body"], *origin(msg), masker))
-                    else:
-                        rows.append(to_row(msg["Body"], msg["MessageId"], int(attrs.get("SentTimestamp", 0)), masker))
-                    msgs.append(msg)
+                    # authenticated: keep the original's id and date
+                    mid, sent = origin(msg) if redriven else (msg["MessageId"], int(attrs.get("SentTimestamp", 0)))
+                    events, decoded = decode(msg["Body"], msg.get("MessageAttributes"), how, redriven=redriven)
+                    if len(events) == 1:  # one event: the message is the item, keyed as it always was
+                        event = events[0]
+                        if type(event) is BadEvent:
+                            raise Rejected(event.rule, event.reason)
+                        rows.append(event_row(event, mid, sent, masker))
+                        items.append(msg)
+                        if decoded and weigh is not None:
+                            weigh(msg["ReceiptHandle"], 1, decoded)
+                        continue
                 except Rejected as exc:
                     dead.append((msg, exc.rule, exc.reason))
+                    continue
+                if weigh is not None:
+                    weigh(msg["ReceiptHandle"], len(events), decoded)
+                group = Group(msg, len(events))
+                for i, event in enumerate(events):
+                    if type(event) is BadEvent:
+                        dead.append((Part(group, i, f"{mid}:{i}", event.text), event.rule, event.reason))
+                        continue
+                    part = Part(group, i, f"{mid}:{i}", event)
+                    try:
+                        rows.append(event_row(event, part.key, sent, masker))
+                    except Rejected as exc:
+                        dead.append((part, exc.rule, exc.reason))
+                        continue
+                    items.append(part)
             if dead:
                 await self.acker.put(DeadLetter(dead))
             if rows:
-                await sink_put((rows, msgs))
+                await sink_put((rows, items))
