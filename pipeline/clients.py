@@ -46,10 +46,11 @@ async def sqs_client(
     settings: Settings, *, connect_timeout: float = 5, attempts: int = 4, concurrency: int | None = None,
     read_timeout: float | None = None, parameter_validation: bool = True,
 ) -> AsyncIterator[Any]:
-    """The SQS client, one pooled keep-alive connection per concurrent call (receivers + ackers by default)."""
+    """The SQS client, one pooled keep-alive connection per concurrent call (by default the most receive and
+    delete calls the adaptive limits allow; connections open only when used)."""
     s = settings.sqs
     config = AioConfig(
-        max_pool_connections=(s.receivers + s.ackers if concurrency is None else concurrency) + 8,
+        max_pool_connections=(s.max_concurrency() if concurrency is None else concurrency) + 8,
         connect_timeout=connect_timeout,
         read_timeout=s.wait_time_seconds + 15 if read_timeout is None else read_timeout,
         retries={"mode": "standard", "max_attempts": attempts},

@@ -120,6 +120,9 @@ def _quiet_info(record: logging.LogRecord) -> bool:
 
 def _detail(stats: Any, rate: float, restarts: int) -> str:
     text = f"{stats.inserted:,} inserted · {stats.duplicates:,} duplicates · {stats.rejected:,} rejected · {rate:,.0f} rows/s"
+    conc = getattr(stats, "concurrency", None)
+    if conc:  # the adaptive limits: receive and delete calls allowed at once
+        text += f" · SQS calls receive {conc.get('receive', '-')} / delete {conc.get('delete', '-')}"
     return text + (f" · {restarts} worker restarts" if restarts else "")
 
 

@@ -24,6 +24,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from stages import events
 from stages.acker import Acker
+from stages.concurrency import Limiter
 from stages.leases import Heartbeat, Leases, release
 from stages.sink import CopySink, create_stage_table
 from stages.source import SqsSource
@@ -34,6 +35,8 @@ from stages.stats import Stats
 
 from .clients import check_queues, connect_postgres, masker_for, queue_backlog, sqs_client
 from .schema import migrate
+from .table.maintenance import maintenance_loop
+from .table.partitions import Layout
 from .settings import Settings
 
 __all__ = ["run", "Runtime"]
@@ -77,7 +80,7 @@ async def run(
         await check_queues(client, settings)
         conn = await connect_postgres(settings)
         try:
-            changes = await migrate(conn, settings.postgres.table)
+            changes = await migrate(conn, settings.postgres.table, Layout.of(settings))
         finally:
             await conn.close()
         if changes:
@@ -96,14 +99,14 @@ async def run(
         leases = rt.leases = Leases(s.max_in_flight, p.max_in_flight_rows, p.max_in_flight_bytes)
         source = rt.source = SqsSource(
             client, s.queue_url, raw, leases, stats,
-            receivers=s.receivers, wait_time_seconds=s.wait_time_seconds, visibility_timeout=s.visibility_timeout,
+            receivers=_limiter(s, "receive"), wait_time_seconds=s.wait_time_seconds, visibility_timeout=s.visibility_timeout,
         )
         transformer = Transformer(raw, rows, acks, masker, stats, s.max_receive_count, leases=leases, decoding=Decoding(
             envelope=s.envelope, max_decoded_bytes=p.max_decoded_bytes, max_events=p.max_events_per_message))
         sink = rt.sink = CopySink(
             pool, table, rows, acks, stats, batch_size=p.batch_size, batch_timeout=p.batch_timeout,
         )
-        acker = rt.acker = Acker(client, s.queue_url, s.dlq_url, acks, leases, stats, s.ackers)
+        acker = rt.acker = Acker(client, s.queue_url, s.dlq_url, acks, leases, stats, _limiter(s, "delete"))
         heartbeat = Heartbeat(client, s.queue_url, leases, stats, s.visibility_timeout or 30)
 
         source_task = asyncio.create_task(source.run(), name="source")
@@ -115,11 +118,13 @@ async def run(
         helpers = [
             asyncio.create_task(heartbeat.run(), name="heartbeat"),
             asyncio.create_task(_progress(rt, p.progress_interval), name="progress"),
+            asyncio.create_task(maintenance_loop(settings), name="table-maintenance"),  # months ahead, retention
         ]
         if until_empty:
             helpers.append(asyncio.create_task(_until_empty(rt, stop), name="until-empty"))
         rt.running = True
-        log.info("pipeline started", extra={"queue_url": s.queue_url, "table": table, "receivers": s.receivers,
+        log.info("pipeline started", extra={"queue_url": s.queue_url, "table": table, "receive_concurrency": s.receive_concurrency,
+                                            "delete_concurrency": s.delete_concurrency,
                                             "batch_size": p.batch_size, "key_id": masker.active})
         stopper = asyncio.create_task(stop.wait())
         try:
@@ -148,6 +153,12 @@ async def run(
     summary["not_dead_lettered"] = dict(Counter(acker.refused.values()))
     log.info("pipeline stopped", extra=summary)
     return summary
+
+
+def _limiter(s: Any, op: str) -> Limiter:
+    """The adaptive (or pinned) limit on ``receive`` or ``delete`` calls, from ``sqs.*_concurrency`` and its bounds."""
+    start, low, high, pinned = s.concurrency(op)
+    return Limiter(op, start=start, minimum=low, maximum=high, pinned=pinned)
 
 
 async def _drain(source_task: asyncio.Task, raw: asyncio.Queue, stage_tasks: list[asyncio.Task]) -> None:
@@ -206,6 +217,7 @@ async def _progress(rt: Runtime, interval: float) -> None:
             "rejected": stats.rejected, "acked": stats.acked, "held": len(rt.leases or ()),
             "held_rows": rt.leases.rows if rt.leases is not None else 0,
             "held_bytes": rt.leases.bytes if rt.leases is not None else 0,
-            "backlog": rt.backlog,
+            "backlog": rt.backlog, "receive_concurrency": stats.concurrency.get("receive"),
+            "delete_concurrency": stats.concurrency.get("delete"),
         })
         last, last_t = stats.inserted, now

@@ -10,7 +10,8 @@ The acker consumes typed outcomes from the transformer and the sink:
   message back.
 
 Deletes and dead letters run on separate capacity. Deletes have ``concurrency`` slots of their
-own, so the acks of committed rows always flow; dead letters go through a few ordered lanes
+own (an adaptive ``Limiter``, so that deletes keep up with receives at any round trip), so the
+acks of committed rows always flow; dead letters go through a few ordered lanes
 with bounded attempts. A dead letter that SQS refuses for good (too large for the DLQ, the DLQ
 gone, an invalid parameter) is never retried in a loop: the message is not deleted, its lease
 is dropped so it returns after its visibility timeout, and it is counted and logged with the
@@ -22,12 +23,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, assert_never
 
 from tenacity import AsyncRetrying, retry_if_exception
 
 from . import backoff, events
+from .concurrency import Limiter, tracked
 from .message import (
     CONTENT_ENCODING, DL_REASON, DL_RULE, DL_SOURCE_EVENT_INDEX, DL_SOURCE_ID, DL_SOURCE_QUEUE, DL_SOURCE_SENT, origin,
 )
@@ -89,7 +92,7 @@ class Acker:
 
     def __init__(
         self, client: Any, queue_url: str, dlq_url: str, inbox: asyncio.Queue, leases: Leases,
-        stats: Stats, concurrency: int, *, dead_letter_lanes: int = DEAD_LETTER_LANES,
+        stats: Stats, concurrency: int | Limiter, *, dead_letter_lanes: int = DEAD_LETTER_LANES,
         dead_letter_attempts: int = DEAD_LETTER_ATTEMPTS,
     ) -> None:
         self.client, self.queue_url, self.dlq_url = client, queue_url, dlq_url
@@ -97,7 +100,7 @@ class Acker:
         self.fifo = is_fifo(queue_url)
         self.dead_letter_attempts = dead_letter_attempts
         self.refused: dict[str, str] = {}  # message id -> SQS error code of its last refused dead letter
-        self._slots = asyncio.Semaphore(concurrency)
+        self.limit = tracked("delete", stats, concurrency)  # a plain number: pinned
         self._tasks: set[asyncio.Task] = set()
         self._lanes: list[asyncio.Queue] = [asyncio.Queue() for _ in range(max(1, dead_letter_lanes))]
         self._turn = 0
@@ -134,14 +137,14 @@ class Acker:
 
     async def _spawn_delete(self, msgs: Any) -> None:
         """Start a delete call once a slot is free; only deletes take these slots."""
-        await self._slots.acquire()
+        await self.limit.acquire()
         task = asyncio.create_task(self._delete(msgs))
         self._tasks.add(task)
         task.add_done_callback(self._done)
 
     def _done(self, task: asyncio.Task) -> None:
         self._tasks.discard(task)
-        self._slots.release()
+        self.limit.release()
         if not task.cancelled() and task.exception() is not None:
             log.error("delete task failed", extra={"error": error_code(task.exception())})  # type: ignore[arg-type]
 
@@ -157,10 +160,17 @@ class Acker:
             async for attempt in AsyncRetrying(retry=retry_if_exception(_retry_delete), wait=backoff.wait,
                                                before_sleep=self._on_delete_retry, reraise=True):
                 with attempt:
-                    resp = await self.client.delete_message_batch(
-                        QueueUrl=self.queue_url,
-                        Entries=[{"Id": i, "ReceiptHandle": h} for i, h in pending.items()],
-                    )
+                    t0 = time.monotonic()
+                    try:
+                        resp = await self.client.delete_message_batch(
+                            QueueUrl=self.queue_url,
+                            Entries=[{"Id": i, "ReceiptHandle": h} for i, h in pending.items()],
+                        )
+                    except RETRYABLE:
+                        self.limit.observe(time.monotonic() - t0, failed=True)
+                        raise
+                    rtt = time.monotonic() - t0
+                    self.stats.rtt["DeleteMessageBatch"].observe(rtt)
                     done = [pending.pop(e["Id"]) for e in resp.get("Successful", ())]
                     self.stats.acked += len(done)
                     self.leases.drop(done)
@@ -171,6 +181,7 @@ class Acker:
                             self.leases.drop([pending.pop(f["Id"])])
                         else:
                             self.stats.ack_failures += 1
+                    self.limit.observe(rtt, len(done), failed=bool(pending))  # entries to retry: throttled or failing
                     if pending:
                         raise _Retry(f"{len(pending)} deletes failed")
         except RETRYABLE as exc:  # permanent: the queue is gone or the request refused

@@ -96,7 +96,7 @@ class Limiter:
         except asyncio.CancelledError:
             if fut.done() and not fut.cancelled():
                 self.release()
-            else:
+            elif fut in self._waiters:  # ``_wake`` may have passed over it already
                 self._waiters.remove(fut)
             raise
 

@@ -67,21 +67,26 @@ def test_loadgen_without_a_queue_is_one_error_line(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_bench_writes_a_well_formed_report_and_cleans_up(queues, pg_dsn: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     env = pipeline_env(queues, pg_dsn, KEY)
+    # Through the latency proxy, with a two-point search for the bare loop's best concurrency.
     out = run_cli("bench", "--count", "300", "--rounds", "2", "--out", str(tmp_path), "--latency-seconds", "2",
-                  env=env, timeout=420)
+                  "--rtt-ms", "10", "--ceiling", "4,8", env=env, timeout=420)
     assert out.returncode == 0, out.stderr[-3000:]
 
     lines = out.stdout.strip().splitlines()
-    assert lines[0].startswith("| phase") and any("(a) broker" in line for line in lines)
+    assert lines[0].startswith("| phase") and any("(a) bare receive+delete" in line for line in lines)
     result = last_json(out.stdout)
     for ratio in ("pipeline_vs_broker", "core_vs_raw_copy"):
         assert isinstance(result["ratios"][ratio], float)
-    assert set(result["met"]) == {"pipeline_vs_broker", "core_vs_raw_copy", "latency_p99_ms"}
+    assert set(result["met"]) == {"pipeline_vs_broker", "core_vs_raw_copy", "latency_p99_ms"}  # CPU: loopback only
+    assert isinstance(result["ratios"]["cpu_vs_broker"], float)
     assert len(result["ratios"]["pipeline_vs_broker_by_round"]) == 2
 
-    report = orjson.loads((tmp_path / "bench.json").read_bytes())
-    assert Path(result["files"]["json"]) == tmp_path / "bench.json"
-    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = orjson.loads((tmp_path / "bench-rtt10ms.json").read_bytes())
+    assert Path(result["files"]["json"]) == tmp_path / "bench-rtt10ms.json"
+    assert (tmp_path / "bench-rtt10ms.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report["config"]["rtt_ms"] == 10 and [r["pollers"] for r in report["ceiling_search"]] == [4, 8]
+    assert report["config"]["ceiling_pollers"] in (4, 8)
+    assert report["series"]["pipeline"]["concurrency"]  # the adaptive limits over time, for the chart
     assert set(report["phases"]) == {"broker", "pipeline", "core", "raw_copy", "latency"}
     for name, phase in report["phases"].items():
         assert PHASE_KEYS <= phase.keys(), name

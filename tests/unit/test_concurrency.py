@@ -129,6 +129,13 @@ async def test_a_cancelled_waiter_takes_no_slot() -> None:
     lim.release()
     assert lim.in_use == 0
     await asyncio.wait_for(lim.acquire(), 1)
+    # cancelled, and a release passes over it before it runs (shutdown while slots free up)
+    late = asyncio.create_task(lim.acquire())
+    await asyncio.sleep(0)
+    late.cancel()
+    lim.release()
+    await asyncio.gather(late, return_exceptions=True)
+    assert lim.in_use == 0 and not lim._waiters
 
 
 @pytest.mark.parametrize("setting", [7, None])

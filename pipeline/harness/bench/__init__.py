@@ -34,10 +34,12 @@ import orjson
 from ...settings import Settings
 from ...console import progress_bar
 from ..loadgen import loadgen
+from ..proxy import latency_proxy
 from .chart import chart
 from .options import MEMORY_COUNT, BenchOptions
 from .phases import Child, run_pipeline_phase
 from .report import best, report, table
+from .table import add_table_arguments, table_command
 from .targets import drop_table, targets
 
 __all__ = ["bench", "BenchOptions", "add_arguments", "command", "table"]
@@ -47,23 +49,35 @@ async def bench(settings: Settings, opts: BenchOptions) -> dict:
     """Run every phase; write ``<name>.json`` and ``<name>.png`` under ``opts.out``; return the report."""
     load0 = os.getloadavg()
     started = datetime.now(timezone.utc)
-    async with targets(settings, opts) as (cfg, info):
+    async with targets(settings, opts) as (cfg, info), latency_proxy(cfg.sqs.endpoint_url, opts.rtt_ms) as via:
         s = cfg.sqs
         if "max_count" in info:
             cap = info["max_count"]
             opts = dataclasses.replace(opts, count=min(opts.count, cap), memory_count=min(opts.memory_count, cap),
-                                       latency_seconds=min(opts.latency_seconds, 5))
+                                       latency_seconds=min(opts.latency_seconds, 5), ceiling_concurrencies=(8,))
+        # The phases reach SQS through the latency proxy; filling the queues does not need to wait for it.
+        far = cfg.model_copy(update={"sqs": s.model_copy(update={"endpoint_url": via})})
         phases: dict[str, list[dict]] = {}
         if opts.memory:
             await _fill(cfg, s.queue_url, opts.memory_count, opts, "the queue")
-            phases["memory"] = [await run_pipeline_phase(cfg, opts.memory_count)]
+            phases["memory"] = [await run_pipeline_phase(far, opts.memory_count)]
         else:
-            broker_cfg = cfg.model_copy(update={"sqs": s.model_copy(update={"queue_url": info["queues"]["broker"]})})
+            broker_q = info["queues"]["broker"]
+            broker_cfg = far.model_copy(update={"sqs": far.sqs.model_copy(update={"queue_url": broker_q})})
+            search = opts.search_count or max(100, opts.count // 2)
+            for c in opts.ceiling_concurrencies if len(opts.ceiling_concurrencies) > 1 else ():
+                await _fill(cfg, broker_q, search, opts, f"(a) bare loop search, {c} pollers")
+                r = await Child("_phase_broker", broker_cfg, search, c, c).result()
+                phases.setdefault("ceiling_search", []).append({**r, "pollers": c})
+            best_c = (max(phases["ceiling_search"], key=lambda r: r["rate_per_s"])["pollers"]
+                      if "ceiling_search" in phases else opts.ceiling_concurrencies[0])
+            info["ceiling_pollers"] = best_c
             for _ in range(opts.rounds):
-                await _fill(cfg, info["queues"]["broker"], opts.count, opts, "(a) broker")
-                phases.setdefault("broker", []).append(await Child("_phase_broker", broker_cfg, opts.count).result())
+                await _fill(cfg, broker_q, opts.count, opts, f"(a) bare loop, {best_c} pollers")
+                phases.setdefault("broker", []).append(await Child("_phase_broker", broker_cfg, opts.count,
+                                                                    best_c, best_c).result())
                 await _fill(cfg, s.queue_url, opts.count, opts, "(b) pipeline")
-                phases.setdefault("pipeline", []).append(await run_pipeline_phase(cfg, opts.count))
+                phases.setdefault("pipeline", []).append(await run_pipeline_phase(far, opts.count))
                 await drop_table(cfg.postgres.dsn.get_secret_value(), cfg.postgres.table)
             from ...sample import sample_bodies
 
@@ -71,7 +85,7 @@ async def bench(settings: Settings, opts: BenchOptions) -> dict:
             phases["core"], phases["raw_copy"] = [core["core"]], [core["raw_copy"]]
             await drop_table(cfg.postgres.dsn.get_secret_value(), cfg.postgres.table)
             if opts.latency:
-                phases["latency"] = [await _latency_run(cfg, best(phases["pipeline"])["rate_per_s"] / 2, opts)]
+                phases["latency"] = [await _latency_run(far, best(phases["pipeline"])["rate_per_s"] / 2, opts)]
     result = report(settings, cfg, info, opts, phases, load0, started)
     opts.out.mkdir(parents=True, exist_ok=True)
     path = opts.out / f"{opts.name}.json"
@@ -118,13 +132,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--latency-seconds", type=float, default=15.0,
                    help="length of the half-rate latency run, seconds (default: %(default)s)")
     p.add_argument("--seed", type=int, default=42, help="seed of the generated bodies (default: %(default)s)")
+    p.add_argument("--rtt-ms", type=float, default=0.0,
+                   help="add this round trip to every SQS call of the phases, through a latency-injecting TCP proxy "
+                        "(real SQS: 10-20 ms in a region, 50+ across regions; default: %(default)s)")
+    p.add_argument("--ceiling", default="8,16,32,64,128",
+                   help="pollers (= deleters) the bare receive+delete loop is tried at; the best is the ceiling "
+                        "(default: %(default)s)")
+    add_table_arguments(p)
 
 
 async def command(settings: Settings, args: argparse.Namespace) -> int:
     """``python -m pipeline bench``: the table on stdout, then one JSON line (ratios, targets met, files)."""
+    if args.table:
+        return await table_command(settings, args)
     if args.count is not None and args.count < 100:
         print("error: --count must be >= 100", file=sys.stderr)
         return 2
+    if args.rtt_ms < 0 or args.rtt_ms > 5000:
+        print("error: --rtt-ms must be between 0 and 5000", file=sys.stderr)
+        return 2
+    try:
+        ceiling = tuple(int(c) for c in args.ceiling.split(",") if c.strip())
+    except ValueError:
+        ceiling = ()
+    if not ceiling or min(ceiling) < 1 or max(ceiling) > 512:
+        print("error: --ceiling must be comma-separated numbers from 1 to 512, like 8,16,32", file=sys.stderr)
+        return 2
+    args.ceiling = ceiling
     result = await bench(settings, options(args))
     print(table(result))
     sys.stdout.write(orjson.dumps({"ratios": result["ratios"], "met": result["met"], "files": result["files"]}).decode() + "\n")
@@ -135,4 +169,5 @@ def options(args: argparse.Namespace) -> BenchOptions:
     count = args.count or (MEMORY_COUNT if args.memory else 20_000)
     return BenchOptions(count=count, memory_count=count, out=args.out, memory=args.memory, latency=args.latency,
                         rounds=max(1, args.rounds), seed=args.seed, latency_seconds=args.latency_seconds,
-                        name="memory" if args.memory else "bench")
+                        name=("memory" if args.memory else "bench") + (f"-rtt{args.rtt_ms:g}ms" if args.rtt_ms else ""),
+                        rtt_ms=args.rtt_ms, ceiling_concurrencies=args.ceiling)

@@ -32,8 +32,16 @@ def chart(report: dict, phases: dict[str, list[dict]], path: Path) -> Path | Non
                      marker="o" if len(pts) < 10 else None, markersize=3)
     ax1.set(title="Throughput over time (1 s window; in-memory phases: per batch)", xlabel="seconds since the phase's first message",
             ylabel="messages / s", yscale="log")
-    ax1.legend(fontsize=8)
     ax1.grid(alpha=0.3)
+    conc = (report["series"].get("pipeline") or report["series"].get("memory") or {}).get("concurrency")
+    if conc:  # the adaptive limits of the pipeline phase, on their own axis
+        axc = ax1.twinx()
+        for k, (what, color) in enumerate((("receive", "tab:green"), ("delete", "tab:red")), start=1):
+            axc.step([c[0] for c in conc], [c[k] for c in conc], where="post", color=color, linestyle=":",
+                     label=f"pipeline: {what} concurrency")
+        axc.set_ylabel("concurrent SQS calls (adaptive limit)")
+        axc.legend(fontsize=8, loc="lower right")
+    ax1.legend(fontsize=8, loc="upper left")
     if "memory" in phases:  # the memory check: RSS against messages done, not latency
         rss = best(phases["memory"])["rss"]
         ax2.plot([c for _, _, c in rss], [m for _, m, _ in rss], label="RSS of the pipeline process")

@@ -49,6 +49,10 @@ class Meter:
     events: list[tuple[float, int]] = field(default_factory=list)
     latencies_ms: array.array = field(default_factory=lambda: array.array("d"))
     rss: list[tuple[float, int, int]] = field(default_factory=list)  # (t, rss, counter)
+    # (t, receive, delete): the adaptive limits over time, as /metrics shows them (pipeline_sqs_concurrency)
+    concurrency: list[tuple[float, int, int]] = field(default_factory=list)
+    cpu_first: float | None = None  # CPU time at the first event ...
+    cpu_last: float = 0.0  # ... and at the last: the drain's own CPU, without start-up and the idle tail
     t0: float = 0.0
     work: float | None = None  # when the first message was in hand (the fallback window's start)
     cpu0: float = 0.0
@@ -67,11 +71,18 @@ class Meter:
 
     async def _sample(self) -> None:
         while True:
-            self.rss.append((time.monotonic() - self.t0, _rss_bytes(), self.counter()))
+            t = time.monotonic() - self.t0
+            self.rss.append((t, _rss_bytes(), self.counter()))
+            if self.stats is not None and self.stats.concurrency:
+                c = self.stats.concurrency
+                self.concurrency.append((t, c.get("receive", 0), c.get("delete", 0)))
             await asyncio.sleep(0.1)
 
     def event(self, n: int) -> None:
         self.events.append((time.monotonic() - self.t0, n))
+        self.cpu_last = _cpu_seconds()
+        if self.cpu_first is None:
+            self.cpu_first = self.cpu_last
 
     def working(self) -> None:
         if self.work is None:
@@ -116,6 +127,8 @@ class Meter:
         ev = self.events
         n, window, per_s = rate(ev, self.work)
         cpu = self.cpu1 - self.cpu0
+        drained = n - ev[0][1] if len(ev) >= 2 else 0  # messages after the first event, as ``rate`` counts them
+        drain_cpu = self.cpu_last - self.cpu_first if self.cpu_first is not None else 0.0
         return {
             "t0": self.t0,
             "work": self.work,
@@ -124,7 +137,9 @@ class Meter:
             "rate_per_s": round(per_s, 1),
             "cpu_s": round(cpu, 3),
             "cpu_s_per_10k": round(cpu / n * 10_000, 3) if n else None,
+            "drain_cpu_s_per_10k": round(drain_cpu / drained * 10_000, 3) if drained else None,
             "peak_rss_mb": round(max((r for _, r, _ in self.rss), default=_rss_bytes()) / 2**20, 1),
+            "concurrency": [(round(t, 2), r, d) for t, r, d in self.concurrency],
             "latency_ms": percentiles(self.latencies_ms),
             "events": [(round(t, 3), k) for t, k in ev],
             "rss": [(round(t, 2), round(r / 2**20, 1), c) for t, r, c in self.rss],

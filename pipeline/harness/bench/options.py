@@ -22,3 +22,6 @@ class BenchOptions:
     latency_seconds: float = 15.0
     cache_dir: Path = Path(".cache")
     name: str = "bench"
+    rtt_ms: float = 0.0  # a round trip added to every SQS call of the phases (harness.proxy)
+    ceiling_concurrencies: tuple[int, ...] = (8, 16, 32, 64, 128)  # the bare loop's search (pollers = deleters)
+    search_count: int = 0  # messages per search run; 0 = count / 2

@@ -17,12 +17,13 @@ from .meter import Meter, merge
 __all__ = ["run_pipeline_phase", "Child"]
 
 
-async def _phase_broker(settings: Settings, expected: int) -> dict:
+async def _phase_broker(settings: Settings, expected: int, pollers: int, deleters: int) -> dict:
     """(a) receive + delete, nothing in between: the pipeline's shape without its work.
 
-    ``receivers`` pollers hand receive batches to ``ackers`` deleters through a queue capped
-    like the pipeline's in-flight messages, so polling never waits for a delete, as in the
-    pipeline; the same client, the same request, the same concurrency.
+    ``pollers`` hand receive batches to ``deleters`` through a queue capped like the pipeline's
+    in-flight messages, so polling never waits for a delete, as in the pipeline; the same
+    client and request. ``bench`` runs it at a few concurrencies and keeps the best: the
+    ceiling the adaptive pipeline is compared with.
     """
     from ...clients import sqs_client
 
@@ -37,7 +38,7 @@ async def _phase_broker(settings: Settings, expected: int) -> dict:
         request["VisibilityTimeout"] = s.visibility_timeout
     finished = asyncio.Event()
     received: asyncio.Queue = asyncio.Queue(max(1, s.max_in_flight // 10))
-    async with sqs_client(settings) as client:
+    async with sqs_client(settings, concurrency=pollers + deleters) as client:
 
         async def poll() -> None:
             while True:
@@ -59,8 +60,8 @@ async def _phase_broker(settings: Settings, expected: int) -> dict:
 
         meter.counter = lambda: done
         meter.start()
-        workers = [asyncio.create_task(poll()) for _ in range(s.receivers)]
-        workers += [asyncio.create_task(delete()) for _ in range(s.ackers)]
+        workers = [asyncio.create_task(poll()) for _ in range(pollers)]
+        workers += [asyncio.create_task(delete()) for _ in range(deleters)]
         await _until(finished, workers, timeout=_deadline(expected))
         for w in workers:
             w.cancel()

@@ -14,7 +14,8 @@ from .options import BenchOptions
 
 __all__ = ["TARGETS", "report", "best", "buckets", "strip", "table"]
 
-TARGETS = {"pipeline_vs_broker": 0.9, "core_vs_raw_copy": 0.5, "latency_p99_ms": 1000.0}
+TARGETS = {"pipeline_vs_broker": 0.9, "pipeline_vs_broker_loopback": 0.95, "cpu_vs_broker": 1.1,
+           "core_vs_raw_copy": 0.5, "latency_p99_ms": 1000.0}
 
 
 def best(runs: list[dict]) -> dict:
@@ -28,7 +29,7 @@ def _ratio(a: float, b: float) -> float | None:
 
 def report(settings: Settings, cfg: Settings, info: dict, opts: BenchOptions, phases: dict[str, list[dict]],
             load0: tuple[float, float, float], started: datetime) -> dict:
-    picked = {name: best(runs) for name, runs in phases.items()}
+    picked = {name: best(runs) for name, runs in phases.items() if name != "ceiling_search"}
     ratios: dict[str, Any] = {}
     met: dict[str, bool] = {}
     if "broker" in picked:
@@ -37,7 +38,15 @@ def report(settings: Settings, cfg: Settings, info: dict, opts: BenchOptions, ph
             ratios["pipeline_vs_broker_by_round"] = [
                 _ratio(p["rate_per_s"], b["rate_per_s"]) for p, b in zip(phases["pipeline"], phases["broker"])]
         ratios["core_vs_raw_copy"] = _ratio(picked["core"]["rate_per_s"], picked["raw_copy"]["rate_per_s"])
-        met["pipeline_vs_broker"] = (ratios["pipeline_vs_broker"] or 0) >= TARGETS["pipeline_vs_broker"]
+        target = TARGETS["pipeline_vs_broker" if opts.rtt_ms else "pipeline_vs_broker_loopback"]
+        met["pipeline_vs_broker"] = (ratios["pipeline_vs_broker"] or 0) >= target
+        # CPU per message while draining (first event to last: start-up and the idle tail are not the work)
+        cpu_p, cpu_b = picked["pipeline"].get("drain_cpu_s_per_10k"), picked["broker"].get("drain_cpu_s_per_10k")
+        ratios["cpu_vs_broker"] = _ratio(cpu_p or 0, cpu_b or 0)
+        ratios["cpu_vs_broker_whole_phase"] = _ratio(picked["pipeline"]["cpu_s_per_10k"] or 0,
+                                                     picked["broker"]["cpu_s_per_10k"] or 0)
+        if not opts.rtt_ms:  # the CPU target is set at loopback, where nothing waits on the network
+            met["cpu_vs_broker"] = (ratios["cpu_vs_broker"] or 99) <= TARGETS["cpu_vs_broker"]
         met["core_vs_raw_copy"] = (ratios["core_vs_raw_copy"] or 0) >= TARGETS["core_vs_raw_copy"]
     if "latency" in picked and picked["latency"]["latency_ms"]:
         met["latency_p99_ms"] = picked["latency"]["latency_ms"]["p99"] <= TARGETS["latency_p99_ms"]
@@ -59,7 +68,10 @@ def report(settings: Settings, cfg: Settings, info: dict, opts: BenchOptions, ph
         },
         "config": {
             "count": opts.memory_count if opts.memory else opts.count, "rounds": opts.rounds,
-            "receivers": s.receivers, "ackers": s.ackers, "max_in_flight": s.max_in_flight,
+            "rtt_ms": opts.rtt_ms, "ceiling_pollers": info.get("ceiling_pollers"),
+            "receive_concurrency": s.receive_concurrency, "receivers": [s.min_receivers, s.receivers, s.max_receivers],
+            "delete_concurrency": s.delete_concurrency, "ackers": [s.min_ackers, s.ackers, s.max_ackers],
+            "max_in_flight": s.max_in_flight,
             "wait_time_seconds": s.wait_time_seconds, "batch_size": p.batch_size,
             "batch_timeout": p.batch_timeout, "queue_size": p.queue_size, "pool_size": pg.pool_size,
             "processes": p.processes, "event_loop": aio.loop_name(),
@@ -68,8 +80,12 @@ def report(settings: Settings, cfg: Settings, info: dict, opts: BenchOptions, ph
         "ratios": ratios,
         "met": met,
         "phases": {name: strip(r) for name, r in picked.items()},
-        "rounds": {name: [strip(r) for r in runs] for name, runs in phases.items() if len(runs) > 1},
-        "series": {name: {"throughput": _throughput(r), "rss_mb": [(t, m) for t, m, _ in r["rss"]]}
+        "rounds": {name: [strip(r) for r in runs] for name, runs in phases.items()
+                   if len(runs) > 1 and name != "ceiling_search"},
+        "ceiling_search": [{"pollers": r["pollers"], "deleters": r["pollers"], "rate_per_s": r["rate_per_s"],
+                            "drain_cpu_s_per_10k": r.get("drain_cpu_s_per_10k")} for r in phases.get("ceiling_search", ())],
+        "series": {name: {"throughput": _throughput(r), "rss_mb": [(t, m) for t, m, _ in r["rss"]],
+                          "concurrency": [(round(t - _first(r), 2), rc, dc) for t, rc, dc in r.get("concurrency") or ()]}
                    for name, r in picked.items()},
     }
 
@@ -103,6 +119,13 @@ def _throughput(r: dict, window: float = 1.0) -> list[tuple[float, float]]:
     return out
 
 
+def _first(r: dict) -> float:
+    """Where ``_throughput``'s clock starts: the sample before the first acked message."""
+    samples = r["rss"]
+    start = next((i for i, (_, _, c) in enumerate(samples) if c), 0)
+    return samples[max(0, start - 1)][0] if samples else 0.0
+
+
 def buckets(events: list) -> list[tuple[float, float]]:
     """Events as (time, msg/s) in about 10 buckets, from the phase's first event."""
     if not events:
@@ -118,14 +141,15 @@ def buckets(events: list) -> list[tuple[float, float]]:
 
 
 def strip(result: dict) -> dict:
-    return {k: v for k, v in result.items() if k not in ("events", "rss", "latencies_ms", "t0", "work")}
+    return {k: v for k, v in result.items() if k not in ("events", "rss", "latencies_ms", "t0", "work", "concurrency")}
 
 
 def table(report: dict) -> str:
     """The short table ``bench`` prints (and the README shows)."""
     rows = [("phase", "msg/s", "ratio", "p50 ms", "p95 ms", "p99 ms", "CPU s/10k", "peak RSS MB")]
     ph, ratios = report["phases"], report["ratios"]
-    names = {"broker": "(a) broker ceiling: receive+delete", "pipeline": "(b) pipeline end to end",
+    pollers = report.get("config", {}).get("ceiling_pollers")
+    names = {"broker": f"(a) bare receive+delete, best: {pollers} pollers" if pollers else "(a) broker ceiling: receive+delete", "pipeline": "(b) pipeline end to end",
              "raw_copy": "raw COPY-with-upsert (DB ceiling)", "core": "(c) core: transform + COPY sink",
              "latency": "pipeline at half rate (latency)", "memory": "pipeline draining the backlog"}
     ratio_of = {"pipeline": ratios.get("pipeline_vs_broker"), "core": ratios.get("core_vs_raw_copy")}
@@ -141,6 +165,8 @@ def table(report: dict) -> str:
             *(f"{lat[k]:,.0f}" if lat else "-" for k in ("p50", "p95", "p99")),
             f"{r['cpu_s_per_10k']:.2f}" if r.get("cpu_s_per_10k") is not None else "-", f"{r['peak_rss_mb']:.0f}",
         ))
+    if report.get("config", {}).get("rtt_ms"):
+        rows[0] = (f"phase (+{report['config']['rtt_ms']:g} ms RTT)", *rows[0][1:])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     out = ["| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) + " |"
            for row in rows]
@@ -148,6 +174,12 @@ def table(report: dict) -> str:
     if "pipeline" in ph and ph["pipeline"].get("latency_ms"):
         out.append("(b) drains a backlog, so its latency is mostly the time messages waited in the queue; "
                    "the half-rate run is the end-to-end latency.")
+    if ratios.get("cpu_vs_broker") is not None:
+        out.append(f"CPU per message while draining, pipeline / bare loop: {ratios['cpu_vs_broker']:.2f} "
+                   f"(whole phase, start-up included: {ratios['cpu_vs_broker_whole_phase']:.2f})")
+    if report.get("ceiling_search"):
+        out.append("bare loop by pollers: " + ", ".join(f"{r['pollers']}: {r['rate_per_s']:,.0f}"
+                                                       for r in report["ceiling_search"]) + " msg/s")
     if "memory" in ratios:
         m = ratios["memory"]
         out.append(f"\nRSS while a {m['messages']:,}-message backlog drains: {m['rss_mb_at_10pct']} MB after 10 %, "
