@@ -9,13 +9,7 @@ text (only its SHA-256, to match it against the request that justified it).
 
 from __future__ import annotations
 
-import datetime as dt
-import getpass
-import hashlib
-import logging
-import os
 import re
-import socket
 from collections import Counter
 from collections.abc import Iterable
 from typing import Any
@@ -29,12 +23,12 @@ from stages.masking import KeyError_, Masker
 
 from .query import Query, QueryRefused, parse_columns, parse_query, parse_where
 from .read import QueryError, read_rows
+from ..audit import AuditError, fingerprint, write_audit
 from ..settings import Settings
 
 __all__ = ["TOKEN", "looks_like_token", "Refused", "AuditError", "QueryError", "unmask_all", "unmask_rows", "audit",
            "unmask_command"]
 
-audit_log = logging.getLogger("pipeline.audit")
 
 # <key id>.<base64url(AES-SIV)>: the SIV tag alone is 16 bytes, i.e. at least 22 characters.
 TOKEN = re.compile(r"[A-Za-z0-9_-]{1,16}\.[A-Za-z0-9_-]{22,}")
@@ -57,10 +51,6 @@ class Refused(KeyError_):
         self.missing_key_id = missing_key_id
         self.key_ids = key_ids
         self.reason = reason or message
-
-
-class AuditError(RuntimeError):
-    """The audit record could not be written, so nothing is revealed."""
 
 
 def _check(masker: Masker, tokens: Iterable[str]) -> Counter[str]:
@@ -113,46 +103,13 @@ def unmask_rows(masker: Masker, rows: list[dict[str, Any]]) -> tuple[list[dict[s
 
 def audit(settings: Settings, *, mode: str, key_ids: Counter[str] | None, count: int, outcome: str,
           **extra: Any) -> dict[str, Any]:
-    """Write one audit record (logger + optional file); raise ``AuditError`` if the file fails."""
-    record: dict[str, Any] = {
-        "audit": "unmask",
-        "at": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-        "user": _user(),
-        "uid": os.getuid(),
-        "host": socket.gethostname(),
-        "mode": mode,
-        "key_ids": dict(sorted((key_ids or Counter()).items())),
-        "count": count,
-        "outcome": outcome,
-        **extra,
-    }
-    path = settings.masking.audit_log
-    if path:
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            try:
-                os.write(fd, orjson.dumps(record) + b"\n")
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            audit_log.error("audit log unwritable", extra={"audit_log": path, "error": exc.strerror})
-            raise AuditError(f"cannot write the audit log masking.audit_log {path}: {exc.strerror}; nothing unmasked") from None
-    audit_log.info("unmask", extra=record)
-    return record
+    """Write one unmask record (``pipeline.audit``); raise ``AuditError`` if the file fails."""
+    return write_audit(settings, "unmask", refusal="nothing unmasked", mode=mode,
+                       key_ids=dict(sorted((key_ids or Counter()).items())), count=count, outcome=outcome, **extra)
 
 
 def query_fingerprint(sql: str) -> str:
-    return hashlib.sha256(sql.encode()).hexdigest()
-
-
-def _user() -> str:
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):  # no passwd entry (containers with an arbitrary uid)
-        user = f"uid:{os.getuid()}"
-    sudo = os.environ.get("SUDO_USER")
-    return f"{user} (sudo by {sudo})" if sudo and sudo != user else user
+    return fingerprint(sql)
 
 
 def add_arguments(u: argparse.ArgumentParser) -> None:
