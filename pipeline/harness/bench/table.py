@@ -61,10 +61,13 @@ async def _index(conn: asyncpg.Connection, table: str, kind: str, indexes: tuple
             await conn.execute(stmt)
 
 
-async def _fill(conn: asyncpg.Connection, table: str, rows: int, today: dt.date, chunk: int = 1_000_000) -> None:
-    start = today - dt.timedelta(days=365)
+async def _fill(conn: asyncpg.Connection, table: str, rows: int, today: dt.date, *, through_today: bool = False,
+                chunk: int = 1_000_000) -> None:
+    """``rows`` over the 12 months before this one (history), or over the last 365 days up to today."""
+    start = today - dt.timedelta(days=365) if through_today else add_months(month_start(today), -12)
+    days = 365 if through_today else (month_start(today) - start).days
     for lo in range(1, rows + 1, chunk):
-        await conn.execute(_FILL.format(t=table, start=f"'{start}'", days=365, lo=lo, hi=min(lo + chunk - 1, rows)))
+        await conn.execute(_FILL.format(t=table, start=f"'{start}'", days=days, lo=lo, hi=min(lo + chunk - 1, rows)))
     await conn.execute(f"VACUUM ANALYZE {table}")
 
 
@@ -96,15 +99,18 @@ async def table_bench(dsn: str, *, table_rows: int = 10_000_000, month_rows: int
     out: dict[str, Any] = {"table_rows": table_rows, "month_rows": month_rows, "batch_size": batch_size,
                            "indexes": list(indexes), "ingest": {}, "retention": {}}
     try:
-        variants = [("partitioned", indexes, True), ("partitioned_no_indexes", (), False), ("unpartitioned", (), True)]
-        for name, idx, big in variants:
+        # (name, indexes, fills, rows up to today): the current month also holding a month's share of the
+        # rows is what a partitioned table sees at the end of a month, history alone at its start.
+        variants = [("partitioned", indexes, [0, table_rows], False), ("partitioned_month_full", indexes, [table_rows], True),
+                    ("partitioned_no_indexes", (), [0], False), ("unpartitioned", (), [0, table_rows], False)]
+        for name, idx, fills, through_today in variants:
             kind = "unpartitioned" if name == "unpartitioned" else "partitioned"
             table = f"bench_tbl_{kind[0]}"
-            for fill in ([0, table_rows] if big else [0]):
+            for fill in fills:
                 await _create(conn, table, kind, idx, today)
                 if fill:
                     t0 = time.perf_counter()
-                    await _fill(conn, table, fill, today)
+                    await _fill(conn, table, fill, today, through_today=through_today)
                     log.info("bench table filled", extra={"table": name, "rows": fill,
                                                           "seconds": round(time.perf_counter() - t0, 1)})
                 await _index(conn, table, kind, idx, today)
@@ -124,6 +130,7 @@ async def table_bench(dsn: str, *, table_rows: int = 10_000_000, month_rows: int
 
     out["ratios"] = {
         "partitioned_full_vs_empty": ratio(f"partitioned@{table_rows}", "partitioned@0"),
+        "partitioned_month_full_vs_empty": ratio(f"partitioned_month_full@{table_rows}", "partitioned@0"),
         "unpartitioned_full_vs_empty": ratio(f"unpartitioned@{table_rows}", "unpartitioned@0"),
         "partitioned_vs_unpartitioned_full": ratio(f"partitioned@{table_rows}", f"unpartitioned@{table_rows}"),
         "indexes_cost_empty": ratio("partitioned@0", "partitioned_no_indexes@0"),
