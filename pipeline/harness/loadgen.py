@@ -18,12 +18,12 @@ import orjson
 from botocore.exceptions import BotoCoreError, ClientError
 
 from stages import backoff
-from stages.sqs import chunks
+from stages.sqs import send_batches
 
 from ..clients import sqs_client
 from ..console import progress_bar
-from ..sample import iter_bodies
 from ..settings import Settings
+from .shapes import ENVELOPES, Packing, Shape, iter_messages
 
 __all__ = ["loadgen", "producer_client", "add_arguments", "command"]
 
@@ -35,29 +35,42 @@ def producer_client(settings: Settings, concurrency: int) -> Any:
     return sqs_client(settings, concurrency=concurrency, read_timeout=30, parameter_validation=False)
 
 
-def _batches(bodies: Iterator[tuple[str, str]]) -> Iterator[tuple[list[dict], Counter]]:
-    """``SendMessageBatch`` entries and how many of each kind they hold, ten bodies at a time, lazily."""
-    for batch in chunks(bodies):
-        yield [{"Id": str(i), "MessageBody": body} for i, (_, body) in enumerate(batch)], Counter(k for k, _ in batch)
+def _batches(messages: Iterator[tuple[str, dict, Counter]]) -> Iterator[tuple[list[dict], Counter]]:
+    """``SendMessageBatch`` entries and how many events of each kind they hold, lazily: ten messages
+    at a time, fewer when large batched bodies would pass the call's size limit."""
+    while True:
+        window = [m for _, m in zip(range(10), messages)]
+        if not window:
+            return
+        for batch in send_batches(window, lambda m: m[0]):
+            entries = []
+            for i, (body, attrs, _) in enumerate(batch):
+                entry: dict = {"Id": str(i), "MessageBody": body}
+                if attrs:
+                    entry["MessageAttributes"] = attrs
+                entries.append(entry)
+            yield entries, sum((k for _, _, k in batch), Counter())
 
 
 async def loadgen(
     settings: Settings, *, count: int, rate: float | None = None, invalid_ratio: float = 0.0,
     duplicate_ratio: float = 0.0, seed: int = 0, concurrency: int = 32, queue_url: str | None = None,
-    client: Any = None, on_sent: Callable[[int], None] | None = None,
+    client: Any = None, on_sent: Callable[[int], None] | None = None, packing: Packing = Packing(),
 ) -> dict:
-    """Send ``count`` bodies to ``queue_url`` (default: the configured queue); return the summary.
+    """Send ``count`` messages to ``queue_url`` (default: the configured queue); return the summary.
 
-    ``on_sent(n)`` is called after each batch (progress bars, benchmarks).
+    ``packing`` says how many events each message carries and in which shape (``harness.shapes``);
+    the ratios apply to events. ``on_sent(n)`` is called after each batch (progress bars, benchmarks).
     """
     url = queue_url or settings.sqs.queue_url
     if client is None:
         async with producer_client(settings, concurrency) as c:
             return await loadgen(
                 settings, count=count, rate=rate, invalid_ratio=invalid_ratio, duplicate_ratio=duplicate_ratio,
-                seed=seed, concurrency=concurrency, queue_url=url, client=c, on_sent=on_sent,
+                seed=seed, concurrency=concurrency, queue_url=url, client=c, on_sent=on_sent, packing=packing,
             )
-    batches = enumerate(_batches(iter_bodies(count, seed, invalid_ratio=invalid_ratio, duplicate_ratio=duplicate_ratio)))
+    batches = enumerate(_batches(iter_messages(count, seed, packing, invalid_ratio=invalid_ratio,
+                                               duplicate_ratio=duplicate_ratio)))
     sent: Counter = Counter()
     failed = 0
     loop = asyncio.get_running_loop()
@@ -88,21 +101,23 @@ async def loadgen(
                 await asyncio.sleep(backoff.delay(attempt + 1))
             failed += len(pending)
             ok = len(entries) - len(pending)
-            sent.update(kinds)
-            if pending:  # attribute the losses to "valid": only the total matters here
-                sent["valid"] -= len(pending)
+            sent["messages"] += ok
+            if not pending:  # a partly failed call's kinds are not known per message: failed says so
+                sent.update(kinds)
             if on_sent is not None:
                 on_sent(ok)
 
     await asyncio.gather(*(worker() for _ in range(max(1, concurrency))))
     elapsed = loop.time() - start
-    total = sum(sent.values())
+    total = sent["messages"]
     return {
         "queue_url": url,
         "sent": total,
+        "events": sent["valid"] + sent["invalid"] + sent["duplicate"],
         "valid": sent["valid"],
         "invalid": sent["invalid"],
         "duplicates": sent["duplicate"],
+        "undecodable": sent["undecodable"],
         "failed": failed,
         "seed": seed,
         "target_rate_per_s": rate,
@@ -124,7 +139,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="share of bodies that repeat a recent one verbatim: the same event sent twice, 0-1 "
                         "(default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="same seed, same bodies (default: %(default)s)")
+    p.add_argument("--events-per-message", type=int, default=1, metavar="N",
+                   help="events per message: more than 1 sends batches (a JSON array unless --framing ndjson); "
+                        "with --mix, up to N (default: %(default)s)")
+    p.add_argument("--framing", choices=("array", "ndjson"), default="array",
+                   help="how a batch is framed: a JSON array or newline-delimited JSON (default: %(default)s)")
+    p.add_argument("--gzip", action="store_true", help="gzip each body and base64 it (as producers do to fit 256 KiB)")
+    p.add_argument("--envelope", choices=ENVELOPES, default="none",
+                   help="wrap each body in an SNS notification or an EventBridge event (default: %(default)s)")
+    p.add_argument("--mix", action="store_true",
+                   help="every message a random shape: each envelope x encoding x framing, 1..N events")
+    p.add_argument("--undecodable-ratio", type=float, default=0.0, metavar="Z",
+                   help="share of messages that cannot be decoded at all (bad base64 or gzip, an envelope without "
+                        "its payload, an empty batch), 0-1 (default: %(default)s)")
     p.add_argument("--concurrency", type=int, default=32, help="SendMessageBatch calls in flight (default: %(default)s)")
+
+
+def packing(args: argparse.Namespace) -> Packing:
+    framing = "single" if args.events_per_message == 1 and not args.mix else args.framing
+    return Packing(events_per_message=args.events_per_message, shape=Shape(args.envelope, args.gzip, framing),
+                   mix=args.mix, undecodable_ratio=args.undecodable_ratio)
 
 
 async def command(settings: Settings, args: argparse.Namespace) -> int:
@@ -138,6 +172,8 @@ async def command(settings: Settings, args: argparse.Namespace) -> int:
         (args.rate is not None and args.rate <= 0, "--rate must be > 0"),
         (not 0 <= args.invalid_ratio <= 1, "--invalid-ratio must be between 0 and 1"),
         (not 0 <= args.duplicate_ratio <= 1, "--duplicate-ratio must be between 0 and 1"),
+        (not 0 <= args.undecodable_ratio <= 1, "--undecodable-ratio must be between 0 and 1"),
+        (args.events_per_message < 1, "--events-per-message must be >= 1"),
         (args.concurrency < 1, "--concurrency must be >= 1"),
         (settings.embedded_sqs, "loadgen needs a configured queue (PIPELINE_SQS__QUEUE_URL): the embedded broker "
                                 f"lives in memory only while `run` or `bench` runs; `{invocation()} bench` "
@@ -157,7 +193,7 @@ async def command(settings: Settings, args: argparse.Namespace) -> int:
             summary = await loadgen(
                 settings, count=args.count, rate=args.rate, invalid_ratio=args.invalid_ratio,
                 duplicate_ratio=args.duplicate_ratio, seed=args.seed, concurrency=args.concurrency,
-                client=client, on_sent=on_sent,
+                client=client, on_sent=on_sent, packing=packing(args),
             )
     sys.stdout.write(orjson.dumps(summary).decode() + "\n")
     if summary["failed"]:

@@ -11,12 +11,17 @@ import base64
 import gzip as _gzip
 import random
 import uuid
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Iterator
 
 import orjson
 
-__all__ = ["Shape", "SHAPES", "ENVELOPES", "FRAMINGS", "encode", "undecodable", "UNDECODABLE_KINDS"]
+from ..sample import iter_bodies
+
+__all__ = ["Shape", "SHAPES", "ENVELOPES", "FRAMINGS", "Packing", "encode", "undecodable", "UNDECODABLE_KINDS",
+           "iter_messages"]
 
 ENVELOPES = ("none", "sns", "eventbridge")
 FRAMINGS = ("single", "array", "ndjson")
@@ -117,3 +122,48 @@ def mixed(rng: random.Random, max_events: int) -> Iterator[tuple[Shape, int]]:
         shape = rng.choice(SHAPES)
         n = 1 if shape.framing == "single" or max_events < 2 else rng.randint(2, max_events)
         yield shape, n
+
+
+@dataclass(frozen=True)
+class Packing:
+    """How ``loadgen`` packs events into messages."""
+
+    events_per_message: int = 1
+    shape: Shape = field(default_factory=Shape)  # framing ``single`` becomes ``array`` for several events
+    mix: bool = False  # every message a random shape of SHAPES, with 1..events_per_message events
+    undecodable_ratio: float = 0.0  # share of messages replaced by one that cannot be decoded at all
+
+
+def _is_object(text: str) -> bool:
+    try:
+        return isinstance(orjson.loads(text), dict)
+    except orjson.JSONDecodeError:
+        return False
+
+
+def iter_messages(count: int, seed: int, packing: Packing, *, invalid_ratio: float = 0.0,
+                  duplicate_ratio: float = 0.0) -> Iterator[tuple[str, dict, Counter]]:
+    """``count`` messages as ``(body, message attributes, kinds)``; kinds counts its events by kind
+    (``valid``, ``invalid``, ``duplicate``) or is ``{"undecodable": 1}``. Lazy and deterministic.
+
+    Every batch holds at least one JSON object, so a batch is a batch (one dead letter per bad
+    event), never a body that is not a batch at all.
+    """
+    rng = random.Random(seed * 7919 + 1)
+    n = max(1, packing.events_per_message)
+    bodies = iter_bodies(count * n, seed, invalid_ratio=invalid_ratio, duplicate_ratio=duplicate_ratio)
+    clean = iter_bodies(count * n + 1, seed + 1)  # valid events, to keep a batch a batch
+    shape = packing.shape
+    if n > 1 and shape.framing == "single":
+        shape = Shape(shape.envelope, shape.gzip, "array")
+    shapes = mixed(rng, n) if packing.mix else repeat((shape, n))
+    for _ in range(count):
+        if packing.undecodable_ratio and rng.random() < packing.undecodable_ratio:
+            yield undecodable(rng.choice(UNDECODABLE_KINDS))[0], {}, Counter(undecodable=1)
+            continue
+        shape, k = next(shapes)
+        events = [next(bodies, None) or next(clean) for _ in range(k)]
+        if k > 1 and not any(_is_object(b) for _, b in events):
+            events[0] = next(clean)
+        body, attrs = encode([b for _, b in events], shape, attribute=shape.gzip and rng.random() < 0.5)
+        yield body, attrs, Counter(kind for kind, _ in events)

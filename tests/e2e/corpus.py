@@ -77,7 +77,8 @@ BAD: list[Bad] = [
     Bad("number", "42", "body.type"),
     Bad("null", "null", "body.type"),
     Bad("boolean", "true", "body.type"),
-    Bad("array_of_events", "[" + ev() + "]", "body.type"),
+    # A batch of events is a JSON array of objects (stages.decode); an array of arrays is no batch.
+    Bad("array_of_arrays_of_events", "[[" + ev() + "]]", "body.type", "body: must be a JSON object, got array"),
     # The wrong kind of message.
     Bad("wrong_type", WRONG_TYPE, "body.not_login_event"),
     Bad("empty_object", "{}", "body.not_login_event"),
