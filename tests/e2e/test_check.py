@@ -48,7 +48,7 @@ def test_check_fails_with_one_line_for_a_missing_queue(queues, pg_dsn: str) -> N
 def test_check_reports_an_unreachable_database_and_a_missing_table(queues, postgres, pg_dsn: str) -> None:  # type: ignore[no-untyped-def]
     out = run_cli("check", env=pipeline_env(queues, pg_dsn, KEY), timeout=60)
     assert out.returncode == 0, out.stdout  # `run` creates the table: pending, not a failure
-    assert "ok   table public.user_logins not created yet; `run` or `migrate` creates it; 2 change(s) pending" in out.stdout
+    assert "ok   table public.user_logins not created yet; `run` or `migrate` creates it; 8 change(s) pending" in out.stdout
 
     dsn = "postgresql://nobody:secret-pw@127.0.0.1:1/postgres"
     out = run_cli("check", env=pipeline_env(queues, dsn, KEY), timeout=60)
