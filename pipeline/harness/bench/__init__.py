@@ -23,6 +23,7 @@ endpoints are used as they are, with queues and tables of the benchmark's own, r
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import os
 import sys
@@ -39,6 +40,7 @@ from .chart import chart
 from .options import MEMORY_COUNT, BenchOptions
 from .phases import Child, run_pipeline_phase
 from .report import best, report, table
+from .report import table as report_table  # ``table`` is also the ``bench --table`` submodule's name
 from .table import add_table_arguments, table_command
 from .targets import drop_table, targets
 
@@ -68,6 +70,7 @@ async def bench(settings: Settings, opts: BenchOptions) -> dict:
             for c in opts.ceiling_concurrencies if len(opts.ceiling_concurrencies) > 1 else ():
                 await _fill(cfg, broker_q, search, opts, f"(a) bare loop search, {c} pollers")
                 r = await Child("_phase_broker", broker_cfg, search, c, c).result()
+                await _settle(far)
                 phases.setdefault("ceiling_search", []).append({**r, "pollers": c})
             best_c = (max(phases["ceiling_search"], key=lambda r: r["rate_per_s"])["pollers"]
                       if "ceiling_search" in phases else opts.ceiling_concurrencies[0])
@@ -76,6 +79,7 @@ async def bench(settings: Settings, opts: BenchOptions) -> dict:
                 await _fill(cfg, broker_q, opts.count, opts, f"(a) bare loop, {best_c} pollers")
                 phases.setdefault("broker", []).append(await Child("_phase_broker", broker_cfg, opts.count,
                                                                     best_c, best_c).result())
+                await _settle(far)
                 await _fill(cfg, s.queue_url, opts.count, opts, "(b) pipeline")
                 phases.setdefault("pipeline", []).append(await run_pipeline_phase(far, opts.count))
                 await drop_table(cfg.postgres.dsn.get_secret_value(), cfg.postgres.table)
@@ -109,6 +113,16 @@ async def _latency_run(cfg: Settings, rate: float, opts: BenchOptions) -> dict:
     result["target_rate_per_s"] = round(rate, 1)
     result["sent_rate_per_s"] = sent.get("rate_per_s")
     return result
+
+
+async def _settle(cfg: Settings) -> None:
+    """Let the long polls of a cancelled bare-loop phase run out before the queue is filled again.
+
+    The server finishes a long poll whose client went away (behind the proxy it cannot even tell),
+    and the messages it takes from the next fill stay invisible for the visibility timeout: the
+    next run would stall for 30 s on them.
+    """
+    await asyncio.sleep(cfg.sqs.wait_time_seconds + 1)
 
 
 async def _fill(settings: Settings, queue_url: str, count: int, opts: BenchOptions, what: str) -> dict:
@@ -160,7 +174,7 @@ async def command(settings: Settings, args: argparse.Namespace) -> int:
         return 2
     args.ceiling = ceiling
     result = await bench(settings, options(args))
-    print(table(result))
+    print(report_table(result))
     sys.stdout.write(orjson.dumps({"ratios": result["ratios"], "met": result["met"], "files": result["files"]}).decode() + "\n")
     return 0
 
