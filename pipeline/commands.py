@@ -1,4 +1,4 @@
-"""The service's own commands: run, migrate, show, keygen, redrive.
+"""The service's own commands: run, show, keygen, redrive (``migrate`` lives with the table, in ``pipeline.table``).
 
 Each command is a pair: ``*_arguments(parser)`` declares its options and ``async *(settings,
 args) -> int`` runs it. ``pipeline.cli`` registers them next to the satellites' commands
@@ -26,12 +26,11 @@ from .errors import EXIT_CONFIG, MIGRATE_HINT, PreflightError
 from .keyring import parse_plain, wrap_key
 from .redrive import redrive
 from .runner import Runtime, run
-from .schema import migrate
 from .settings import Settings
 from .workers import run_workers
 
 __all__ = [
-    "run_arguments", "run_command", "migrate_command", "show_arguments", "show_command", "keygen_arguments",
+    "run_arguments", "run_command", "show_arguments", "show_command", "keygen_arguments",
     "keygen_offline", "keygen_command", "redrive_arguments", "redrive_command", "no_arguments", "RefusedRun",
 ]
 
@@ -89,17 +88,6 @@ async def run_command(settings: Settings, args: argparse.Namespace) -> int:
         why = ", ".join(f"{n} by {code}" for code, n in sorted(stuck.items()))
         raise RefusedRun(f"{sum(stuck.values())} message(s) could not be dead-lettered (refused {why}); "
                          "they stay on the source queue until the DLQ accepts them")
-    return 0
-
-
-async def migrate_command(settings: Settings, args: argparse.Namespace) -> int:
-    async with embedded(settings, broker=False, key=False) as effective:
-        conn = await connect_postgres(effective)
-        try:
-            changes = await migrate(conn, effective.postgres.table)
-        finally:
-            await conn.close()
-    print(orjson.dumps({"table": settings.postgres.table, "changes": changes}).decode())
     return 0
 
 

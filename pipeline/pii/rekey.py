@@ -207,8 +207,9 @@ async def _batch(
                 TOKEN_SQL, prefix, last, size,
             )
         else:  # rows without a message id that hold tokens anyway (rare: written by hand)
+            # ctid is unique only within one heap: on a partitioned table the partition (tableoid) is part of it.
             rows = await conn.fetch(
-                f"SELECT ctid AS id, masked_ip, masked_device_id FROM {table} "
+                f"SELECT tableoid::oid AS part, ctid AS id, masked_ip, masked_device_id FROM {table} "
                 f"WHERE message_id IS NULL AND ({_NEEDS}) LIMIT $3 FOR UPDATE",
                 TOKEN_SQL, prefix, size,
             )
@@ -220,12 +221,19 @@ async def _batch(
             ids.append(r["id"])
             ips.append(remask(r["masked_ip"], "masked_ip", where))
             devs.append(remask(r["masked_device_id"], "masked_device_id", where))
-        key, kind = ("message_id", "text") if phase == "message_id" else ("ctid", "tid")
-        await conn.execute(
-            f"UPDATE {table} AS t SET masked_ip = v.ip, masked_device_id = v.dev "
-            f"FROM unnest($1::{kind}[], $2::text[], $3::text[]) AS v(id, ip, dev) WHERE t.{key} = v.id",
-            ids, ips, devs,
-        )
+        if phase == "message_id":
+            await conn.execute(
+                f"UPDATE {table} AS t SET masked_ip = v.ip, masked_device_id = v.dev "
+                "FROM unnest($1::text[], $2::text[], $3::text[]) AS v(id, ip, dev) WHERE t.message_id = v.id",
+                ids, ips, devs,
+            )
+        else:
+            await conn.execute(
+                f"UPDATE {table} AS t SET masked_ip = v.ip, masked_device_id = v.dev "
+                "FROM unnest($1::oid[], $2::tid[], $3::text[], $4::text[]) AS v(part, id, ip, dev) "
+                "WHERE t.tableoid = v.part AND t.ctid = v.id",
+                [r["part"] for r in rows], ids, ips, devs,
+            )
     return len(rows), (rows[-1]["id"] if phase == "message_id" else last), counts
 
 
