@@ -65,6 +65,10 @@ class StatsCollector(Collector):
                                 value=len(self.rt.leases or ()))
         yield GaugeMetricFamily("pipeline_max_in_flight", "Cap on messages in flight (sqs.max_in_flight).",
                                 value=self.rt.settings.sqs.max_in_flight)
+        yield GaugeMetricFamily("pipeline_rows_in_flight", "Events carried by the messages in flight "
+                                "(capped by pipeline.max_in_flight_rows).", value=getattr(self.rt.leases, "rows", 0))
+        yield GaugeMetricFamily("pipeline_bytes_in_flight", "Bodies and decompressed payloads of the messages in flight "
+                                "(capped by pipeline.max_in_flight_bytes).", value=getattr(self.rt.leases, "bytes", 0))
         backlog = GaugeMetricFamily(
             "pipeline_sqs_backlog_messages",
             "The source queue's approximate messages by state, as of the last progress line.", labels=["state"])

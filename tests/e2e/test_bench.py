@@ -77,7 +77,9 @@ def test_bench_writes_a_well_formed_report_and_cleans_up(queues, pg_dsn: str, tm
     result = last_json(out.stdout)
     for ratio in ("pipeline_vs_broker", "core_vs_raw_copy"):
         assert isinstance(result["ratios"][ratio], float)
-    assert set(result["met"]) == {"pipeline_vs_broker", "core_vs_raw_copy", "latency_p99_ms"}  # CPU: loopback only
+    assert set(result["met"]) == {"pipeline_vs_broker", "core_vs_raw_copy", "latency_p99_ms",  # CPU: loopback only
+                                  "batched_vs_pipeline", "batched_vs_raw_copy"}
+    assert isinstance(result["ratios"]["batched_vs_pipeline"], float)
     assert isinstance(result["ratios"]["cpu_vs_broker"], float)
     assert len(result["ratios"]["pipeline_vs_broker_by_round"]) == 2
 
@@ -87,7 +89,8 @@ def test_bench_writes_a_well_formed_report_and_cleans_up(queues, pg_dsn: str, tm
     assert report["config"]["rtt_ms"] == 10 and [r["pollers"] for r in report["ceiling_search"]] == [4, 8]
     assert report["config"]["ceiling_pollers"] in (4, 8)
     assert report["series"]["pipeline"]["concurrency"]  # the adaptive limits over time, for the chart
-    assert set(report["phases"]) == {"broker", "pipeline", "core", "raw_copy", "latency"}
+    assert set(report["phases"]) == {"broker", "pipeline", "core", "raw_copy", "latency", "batched"}
+    assert report["phases"]["batched"]["messages"] == 3000  # (d) counts events: 30 messages of 100
     for name, phase in report["phases"].items():
         assert PHASE_KEYS <= phase.keys(), name
         assert phase["messages"] > 0 and phase["rate_per_s"] > 0, name

@@ -7,6 +7,8 @@ Measured side by side, each phase in a fresh process so its CPU time and peak RS
 * (b) ``pipeline``: the whole pipeline draining the same backlog, first commit to last;
 * (c) ``core``: the same bodies from memory through Transformer and CopySink, next to
   ``raw_copy``, a COPY-with-upsert of pre-built rows (what the database allows);
+* (d) ``batched``: the pipeline draining messages of ``--events-per-message`` events (100), in
+  events/s: how far batching producers get past the broker's per-message ceiling;
 * ``latency``: the pipeline while ``loadgen`` sends at half of (b)'s rate: SentTimestamp to commit;
 * ``--memory``: RSS while a 100,000-message backlog is drained (bounded by ``max_in_flight``).
 
@@ -35,6 +37,7 @@ import orjson
 from ...settings import Settings
 from ...console import progress_bar
 from ..loadgen import loadgen
+from ..shapes import Packing, Shape
 from ..proxy import latency_proxy
 from .chart import chart
 from .options import MEMORY_COUNT, BenchOptions
@@ -83,6 +86,13 @@ async def bench(settings: Settings, opts: BenchOptions) -> dict:
                 await _fill(cfg, s.queue_url, opts.count, opts, "(b) pipeline")
                 phases.setdefault("pipeline", []).append(await run_pipeline_phase(far, opts.count))
                 await drop_table(cfg.postgres.dsn.get_secret_value(), cfg.postgres.table)
+            if opts.events_per_message > 1:  # batched messages: events/s, next to (b) and to raw COPY
+                n_msgs = max(20, opts.count * opts.batched_factor // opts.events_per_message)
+                await _fill(cfg, s.queue_url, n_msgs, opts, f"(d) batches of {opts.events_per_message} events",
+                            packing=Packing(events_per_message=opts.events_per_message,
+                                            shape=Shape(gzip=opts.batch_gzip)))
+                phases["batched"] = [await run_pipeline_phase(far, n_msgs)]
+                await drop_table(cfg.postgres.dsn.get_secret_value(), cfg.postgres.table)
             from ...sample import sample_bodies
 
             core = await Child("_phase_core", cfg, sample_bodies(opts.count, opts.seed)).result()
@@ -125,9 +135,11 @@ async def _settle(cfg: Settings) -> None:
     await asyncio.sleep(cfg.sqs.wait_time_seconds + 1)
 
 
-async def _fill(settings: Settings, queue_url: str, count: int, opts: BenchOptions, what: str) -> dict:
+async def _fill(settings: Settings, queue_url: str, count: int, opts: BenchOptions, what: str,
+                packing: Packing = Packing()) -> dict:
     with progress_bar(count, f"filling {what}") as on_sent:
-        return await loadgen(settings, count=count, seed=opts.seed, queue_url=queue_url, on_sent=on_sent)
+        return await loadgen(settings, count=count, seed=opts.seed, queue_url=queue_url, on_sent=on_sent,
+                             packing=packing)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -146,6 +158,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--latency-seconds", type=float, default=15.0,
                    help="length of the half-rate latency run, seconds (default: %(default)s)")
     p.add_argument("--seed", type=int, default=42, help="seed of the generated bodies (default: %(default)s)")
+    p.add_argument("--events-per-message", type=int, default=100, metavar="N",
+                   help="(d): the pipeline draining messages of N events (JSON arrays), 10 x --count events, "
+                        "reported in events/s; 1 skips it (default: %(default)s)")
+    p.add_argument("--batch-gzip", action="store_true", help="(d)'s messages gzipped and base64-encoded")
     p.add_argument("--rtt-ms", type=float, default=0.0,
                    help="add this round trip to every SQS call of the phases, through a latency-injecting TCP proxy "
                         "(real SQS: 10-20 ms in a region, 50+ across regions; default: %(default)s)")
@@ -184,4 +200,5 @@ def options(args: argparse.Namespace) -> BenchOptions:
     return BenchOptions(count=count, memory_count=count, out=args.out, memory=args.memory, latency=args.latency,
                         rounds=max(1, args.rounds), seed=args.seed, latency_seconds=args.latency_seconds,
                         name=("memory" if args.memory else "bench") + (f"-rtt{args.rtt_ms:g}ms" if args.rtt_ms else ""),
-                        rtt_ms=args.rtt_ms, ceiling_concurrencies=args.ceiling)
+                        rtt_ms=args.rtt_ms, ceiling_concurrencies=args.ceiling,
+                        events_per_message=max(1, args.events_per_message), batch_gzip=args.batch_gzip)

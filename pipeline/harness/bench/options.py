@@ -25,3 +25,6 @@ class BenchOptions:
     rtt_ms: float = 0.0  # a round trip added to every SQS call of the phases (harness.proxy)
     ceiling_concurrencies: tuple[int, ...] = (8, 16, 32, 64, 128)  # the bare loop's search (pollers = deleters)
     search_count: int = 0  # messages per search run; 0 = count / 2
+    events_per_message: int = 100  # (d) batched messages; 1 skips the phase
+    batched_factor: int = 10  # (d) carries this many times ``count`` events (it drains far faster)
+    batch_gzip: bool = False  # (d)'s bodies gzipped and base64-encoded
