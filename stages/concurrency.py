@@ -6,21 +6,22 @@ deletes, capped at ``ackers × 10 / RTT`` messages a second, fill the in-flight 
 receivers behind them. So each kind of call (``ReceiveMessage``, ``DeleteMessageBatch``) gets a
 ``Limiter`` whose limit moves while the pipeline runs.
 
-The loop is AIMD, in the spirit of Vector's Adaptive Request Concurrency (TCP congestion
-control applied to requests: additive increase while the service keeps up, multiplicative
-decrease on trouble) and of Lambda's SQS event source (pollers are added while messages keep
-coming and removed on throttling or errors). It works in windows of a few round trips:
+The loop follows demand, as Lambda's SQS event source scales its pollers (more while messages
+keep coming, fewer on throttling and errors), with AIMD for trouble as in Vector's Adaptive
+Request Concurrency. It decides once per window of at least ``MIN_WINDOW_S`` and
+``WINDOW_RTTS`` mean round trips:
 
-- **Trouble shrinks it at once**: a throttled or failed call cuts the limit by a quarter; a full
-  downstream (the in-flight cap, a full queue to the transformer) by a fifth. Backpressure still
-  stops polling by itself; the shrink only keeps the limit honest about what the pipeline absorbs.
-- **It grows only where growth pays**: when every slot was busy for the window (there was
-  demand for more), it tries a higher limit, and keeps it only if the throughput of the next
-  window rose by a fair share of the step (Little's law: throughput = concurrency / RTT, so if
-  the round trip grew as much as the concurrency, the extra calls only queue somewhere and cost
-  CPU). A rejected step goes back, holds a few windows, and probes again later. Steps double
-  until the first rejection or trouble (slow start), then grow by a quarter.
-- **Idle, it drifts back** to its starting point (empty long polls carry no information).
+- **Trouble cuts it at once**: a throttled or failed call × ``ERROR_DECREASE``; a full downstream
+  (the in-flight cap, a full queue to the transformer) × ``FULL_DECREASE``. Backpressure still
+  stops polling by itself; the cut only keeps the limit honest about what the pipeline absorbs.
+- **Demand grows it fast**: when calls waited for a permit (or every permit was busy) and, for
+  calls with a natural size (receives: 10 messages), the calls came back nearly full, the limit
+  doubles each window, up to the limit at which trouble last showed; past that it grows by a
+  quarter a window. Growth that would not fit downstream (``room``) is not taken. A full call
+  is the only signal that more calls would find more messages; the throughput of one window
+  against the next is not used: on a shared machine it is too noisy to steer by.
+- **Slack lets it drift down slowly**: empty windows (idle long polls) halve it, partial calls or
+  permits sitting idle (never half of them in use) take a tenth off, never below the start.
 - **Pinned** (a fixed number in the settings) it never moves.
 
 RTTs and outcomes come from the caller (``observe``); the clock is injectable, so tests drive
@@ -37,28 +38,33 @@ from collections.abc import Callable
 from . import events
 from .stats import Stats
 
-__all__ = ["Limiter", "tracked", "GROW_SHARE", "ERROR_DECREASE", "FULL_DECREASE"]
+__all__ = ["Limiter", "tracked", "ERROR_DECREASE", "FULL_DECREASE"]
 
-GROW_SHARE = 0.25  # a step up is kept if throughput rose by at least this share of the step's ratio
 ERROR_DECREASE = 0.75  # throttling or a failed call: limit × this
 FULL_DECREASE = 0.8  # the stages behind are full: limit × this
-MIN_WINDOW_S = 0.25  # a window lasts at least this long ...
-WINDOW_RTTS = 3  # ... and this many mean round trips
-HOLD_WINDOWS = 3  # after a rejected step, wait this many windows before probing again
-BUSY = 0.9  # share of the window all slots were in use, for the limit to count as the bottleneck
+DRIFT = 0.9  # slack (partial calls, idle permits): limit × this, not below the start
+GROW_FILL = 0.7  # calls that bring this share of their size on average: there is more to fetch
+SLACK_FILL = 0.3  # ... below this share: fewer calls would do
+MIN_WINDOW_S = 0.1  # a window lasts at least this long ...
+WINDOW_RTTS = 1  # ... and a mean round trip (calls started at a new limit report within one)
+BUSY = 0.9  # share of the window all permits were in use, for demand to count without a waiter
 
 
 class Limiter:
-    """A concurrency limit that adapts to what the calls it admits observe (or stays pinned).
+    """A concurrency limit that follows demand and backs off on trouble (or stays pinned).
 
     ``acquire``/``release`` admit calls like a semaphore whose size can change; ``observe``
     reports one finished call; ``congested`` reports that the stages behind had no room.
-    ``on_change(limit, reason)`` is called on every move (gauges, logs).
+    ``call_size`` is what a call brings when there is more to fetch (10 for receives; 0: calls
+    have no natural size, demand is permits waited for). ``room(limit)`` says whether the stages
+    behind could take what ``limit`` calls bring. ``on_change(limit, reason)`` is called on every
+    move (gauges, logs).
     """
 
     def __init__(
         self, name: str, *, start: int, minimum: int = 1, maximum: int = 64, pinned: int | None = None,
         clock: Callable[[], float] = time.monotonic, on_change: Callable[[int, str], None] | None = None,
+        call_size: int = 0, room: Callable[[int], bool] | None = None,
     ) -> None:
         self.name = name
         self.pinned = pinned
@@ -68,12 +74,10 @@ class Limiter:
         self.start = min(max(start, self.minimum), self.maximum)
         self.limit = self.start
         self.in_use = 0
+        self.call_size, self.room = call_size, room
         self._clock, self._on_change = clock, on_change
         self._waiters: deque[asyncio.Future] = deque()
-        self._high = self.start  # the highest limit whose throughput held up: slow start climbs back to it
-        self._slow_start = True
-        self._probe: tuple[int, float] | None = None  # (limit before the step, its throughput)
-        self._hold = 0
+        self._fast_until = self.maximum  # doubling up to here: the limit where trouble last showed
         self.rtt_ewma = 0.0
         self._new_window(self._clock())
 
@@ -87,6 +91,8 @@ class Limiter:
         if self.in_use < self.limit and not self._waiters:
             self._account()
             self.in_use += 1
+            if self.in_use > self._w_peak:
+                self._w_peak = self.in_use
             return
         fut = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
@@ -111,6 +117,8 @@ class Limiter:
             if not fut.done():
                 self._account()
                 self.in_use += 1
+                if self.in_use > self._w_peak:
+                    self._w_peak = self.in_use
                 fut.set_result(None)
 
     def _account(self) -> None:
@@ -142,56 +150,39 @@ class Limiter:
     def _new_window(self, now: float) -> None:
         self._w_start = self._w_since = now
         self._w_calls = self._w_items = self._w_failed = 0
+        self._w_peak = self.in_use
         self._w_rtt = self._w_busy = 0.0
         self._w_full = self._w_waited = False
 
     def _decide(self, now: float, elapsed: float) -> None:
         self._account()
-        busy = self._w_busy / elapsed
-        rate = self._w_items / elapsed
+        demand = self._w_waited or self._w_busy >= BUSY * elapsed
+        calls, items, peak = self._w_calls, self._w_items, self._w_peak
         failed, full = self._w_failed, self._w_full
         self._new_window(now)
         if self.pinned is not None:
             return
         limit = self.limit
+        fill = items / (calls * self.call_size) if self.call_size else 1.0
         if failed:
-            self._back_off(int(limit * ERROR_DECREASE), "errors")
+            self._cut(int(limit * ERROR_DECREASE), "errors")
         elif full:
-            self._back_off(int(limit * FULL_DECREASE), "downstream full")
-        elif rate == 0:  # every call came back empty (idle long polls) or moved nothing
-            self._probe = None
+            self._cut(int(limit * FULL_DECREASE), "downstream full")
+        elif items == 0:  # every call came back empty (idle long polls) or moved nothing
             if limit > self.start:
                 self._set(max(self.start, limit // 2), "idle")
-        elif busy < BUSY and self._probe is None:
-            return  # demand is below the limit: nothing to learn
-        elif self._probe is not None:
-            before, before_rate = self._probe
-            self._probe = None
-            if rate > before_rate * (1 + GROW_SHARE * (limit / before - 1)):
-                self._high = max(self._high, limit)
-                self._step_up(rate, "throughput rose")
-            else:
-                self._slow_start = False
-                self._hold = HOLD_WINDOWS
-                self._set(before, "no gain")
-        elif self._hold:
-            self._hold -= 1
-        else:
-            self._step_up(rate, "probe")
+        elif fill < SLACK_FILL or (not demand and peak * 2 <= limit):  # partial calls, or permits sat idle
+            if limit > self.start:
+                self._set(max(self.start, int(limit * DRIFT)), "slack")
+        elif demand and fill >= GROW_FILL and limit < self.maximum:
+            target = limit * 2 if limit * 2 <= self._fast_until else limit + max(1, limit // 4)
+            target = min(target, self.maximum)
+            if self.room is None or self.room(target):
+                self._set(target, "demand")
 
-    def _step_up(self, rate: float, reason: str) -> None:
-        limit = self.limit
-        if limit >= self.maximum:
-            return
-        doubling = self._slow_start or limit * 2 <= self._high
-        step = limit if doubling else max(1, limit // 4)
-        self._probe = (limit, rate)
-        self._set(min(self.maximum, limit + step), reason)
-
-    def _back_off(self, target: int, reason: str) -> None:
-        self._probe = None
-        self._slow_start = False
-        self._hold = HOLD_WINDOWS
+    def _cut(self, target: int, reason: str) -> None:
+        """Multiplicative decrease; fast growth later only climbs back to where the trouble showed."""
+        self._fast_until = max(self.limit, self.minimum)
         self._set(max(self.minimum, min(target, self.limit - 1)), reason)
 
     def _set(self, limit: int, reason: str) -> None:

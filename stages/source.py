@@ -5,7 +5,7 @@ How many receive calls run at once is a ``Limiter`` (adaptive by default, see
 call under way. Backpressure is two-fold: a receiver reserves room under the in-flight cap
 before it polls, and ``put`` on the bounded queue blocks while the transformer is behind.
 Either way a full pipeline stops polling instead of buffering without bound, and tells the
-limiter, which then shrinks.
+limiter, which then shrinks; full receive calls with room behind them make it grow.
 """
 
 from __future__ import annotations
@@ -35,6 +35,10 @@ class SqsSource:
         self.client, self.queue_url, self.outbox = client, queue_url, outbox
         self.leases, self.stats = leases, stats
         self.limit = tracked("receive", stats, receivers)  # a plain number: pinned
+        # A full call (10 messages) says there is more to fetch; the limit grows only while what
+        # its calls would bring still fits under the in-flight cap next to what is held.
+        self.limit.call_size = 10
+        self.limit.room = lambda n: len(leases) + 10 * n <= leases.max_in_flight
         self._request: dict[str, Any] = {
             "QueueUrl": queue_url,
             "MaxNumberOfMessages": 10,

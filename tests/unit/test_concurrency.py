@@ -36,15 +36,33 @@ async def rounds(lim: Limiter, clock: Clock, n: int, *, base_rtt: float, capacit
     return seen
 
 
-async def test_grows_under_added_latency_and_not_at_loopback() -> None:
-    # CASE: same server capacity (2,000 calls/s); at 50 ms RTT more concurrency adds throughput, at 1 ms it cannot
-    far, near, clock_far, clock_near = None, None, Clock(), Clock()
-    far = Limiter("receive", start=8, maximum=256, clock=clock_far)
-    near = Limiter("receive", start=8, maximum=256, clock=clock_near)
-    await rounds(far, clock_far, 400, base_rtt=0.05, capacity=2000)
-    await rounds(near, clock_near, 400, base_rtt=0.001, capacity=2000)
-    assert far.limit >= 50  # Little's law: 2,000/s × 50 ms = 100 calls are needed; it got most of the way
-    assert near.limit <= 16  # 2,000/s × 1 ms = 2: growing bought nothing, so it went back
+async def test_grows_fast_under_added_latency_while_calls_come_back_full() -> None:
+    # CASE: 50 ms round trips, every receive brings 10 messages: 8 -> 128 within about a second (Lambda-like)
+    clock = Clock()
+    lim = Limiter("receive", start=8, maximum=128, clock=clock, call_size=10)
+    seen = await rounds(lim, clock, 40, base_rtt=0.05)
+    assert seen[-1] == 128 and seen == sorted(seen)  # only ever up
+    assert (seen.index(128) + 1) * 0.05 <= 1.0, seen  # simulated time: 4 doublings, a window of >= 0.1 s each
+
+
+async def test_partial_receives_do_not_grow_it_and_drift_it_back() -> None:
+    # CASE: calls bring 2 of 10 messages (supply below demand): more calls would not find more
+    clock = Clock()
+    lim = Limiter("receive", start=8, maximum=128, clock=clock, call_size=10)
+    await rounds(lim, clock, 40, base_rtt=0.05)
+    assert lim.limit == 128
+    await rounds(lim, clock, 200, base_rtt=0.05, items=2)
+    assert lim.limit == 8
+    await rounds(lim, clock, 100, base_rtt=0.05, items=5)  # half full: neither grows nor drifts
+    assert lim.limit == 8
+
+
+async def test_no_growth_past_the_room_downstream() -> None:
+    # CASE: what the calls would bring does not fit under the in-flight cap: growth stops at the room
+    clock = Clock()
+    lim = Limiter("receive", start=4, maximum=128, clock=clock, call_size=10, room=lambda n: n * 10 <= 400)
+    seen = await rounds(lim, clock, 100, base_rtt=0.05)
+    assert max(seen) <= 40 and lim.limit >= 20
 
 
 async def test_grows_to_its_maximum_and_never_past_it() -> None:
@@ -148,3 +166,17 @@ async def test_tracked_limits_show_in_stats(setting: int | None) -> None:
     assert stats.concurrency["delete"] == lim.limit == (7 if setting else lim.limit)
     if setting is None:
         assert lim.limit > 4
+
+
+async def test_idle_permits_drift_it_back_to_the_start() -> None:
+    # CASE: deletes grew while acks waited for permits; then one call at a time: the unused permits go
+    clock = Clock()
+    lim = Limiter("delete", start=16, maximum=128, clock=clock)
+    await rounds(lim, clock, 40, base_rtt=0.05)
+    assert lim.limit == 128
+    for _ in range(400):
+        await lim.acquire()
+        clock.now += 0.05
+        lim.observe(0.05, 10)
+        lim.release()
+    assert lim.limit == 16
