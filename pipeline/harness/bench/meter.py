@@ -1,7 +1,8 @@
 """Measuring a phase: CPU time, RSS samples and events, in the process that does the work.
 
 Throughput is counted between the first and the last event, so process start-up and the
-final idle poll do not count; several workers' measurements merge on one clock.
+final idle poll do not count; a followed pipeline's window runs from its first commit to its
+last delete. Several workers' measurements merge on one clock.
 
 The pipeline is observed only through what ``/metrics`` exposes, its ``Stats``: commits are the
 growth of the batch-size histogram's sum, sampled every ``COMMIT_SAMPLE_S``, and latency is the
@@ -53,6 +54,9 @@ class Meter:
     concurrency: list[tuple[float, int, int]] = field(default_factory=list)
     cpu_first: float | None = None  # CPU time at the first event ...
     cpu_last: float = 0.0  # ... and at the last: the drain's own CPU, without start-up and the idle tail
+    # A followed pipeline's window ends at its last delete, not its last commit: (t, CPU) then.
+    last_ack: tuple[float, float] | None = None
+    _acked: int = 0
     t0: float = 0.0
     work: float | None = None  # when the first message was in hand (the fallback window's start)
     cpu0: float = 0.0
@@ -92,6 +96,7 @@ class Meter:
         """Count ``stats``' commits as events from now on (and, with ``latency``, report its latency histogram)."""
         self.stats, self.latency = stats, latency
         self._committed = int(stats.batch_sizes.sum)
+        self._acked = self.counter()
         self._latency0 = list(stats.latency.counts)
         self._follower = asyncio.get_running_loop().create_task(self._follow())
 
@@ -99,6 +104,10 @@ class Meter:
         while True:
             await asyncio.sleep(COMMIT_SAMPLE_S)
             self._commits()
+            acked = self.counter()
+            if acked > self._acked:
+                self._acked = acked
+                self.last_ack = (time.monotonic() - self.t0, _cpu_seconds())
 
     def _commits(self) -> None:
         """Messages committed since the last look: ``observe_commit`` adds each batch's size to the sum."""
@@ -125,6 +134,10 @@ class Meter:
 
     def result(self) -> dict:
         ev = self.events
+        if self.last_ack is not None and len(ev) >= 3 and self.last_ack[0] > ev[-1][0]:
+            # first commit to last delete: the drain is over when SQS has forgotten the messages
+            ev = [*ev, (self.last_ack[0], 0)]
+            self.cpu_last = self.last_ack[1]
         n, window, per_s = rate(ev, self.work)
         cpu = self.cpu1 - self.cpu0
         drained = n - ev[0][1] if len(ev) >= 2 else 0  # messages after the first event, as ``rate`` counts them
