@@ -48,3 +48,22 @@ async def test_meter_counts_commits_and_latency_from_stats() -> None:
     stats.observe_commit([{"Attributes": {"SentTimestamp": now_ms}}] * 5)
     result = await quiet.stop()
     assert result["messages"] == 5 and result["latency_ms"] is None
+
+
+async def test_a_followed_pipeline_drains_until_its_last_delete() -> None:
+    # CASE: commits stop, deletes go on: the window (and its CPU) ends at the last delete, not the last commit
+    stats = Stats()
+    meter = Meter(counter=lambda: stats.acked)
+    meter.start()
+    meter.follow(stats, latency=False)
+    for _ in range(3):
+        stats.observe_commit([{"Attributes": {"SentTimestamp": "0"}}] * 10)
+        await asyncio.sleep(0.03)
+    last_commit = meter.events[-1][0]
+    for _ in range(3):
+        stats.acked += 10
+        await asyncio.sleep(0.03)
+    result = await meter.stop()
+    assert result["messages"] == 30
+    assert result["events"][-1][0] > last_commit + 0.05 and result["events"][-1][1] == 0
+    assert result["seconds"] > last_commit - result["events"][0][0]
