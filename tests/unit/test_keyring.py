@@ -97,7 +97,7 @@ def test_duplicate_ids() -> None:
     secret_of(K1.encode()),  # a bare secret, no id: must not be echoed
     "bad id!:" + secret_of(K1.encode()),
     "k1:" + secret_of(K1.encode())[:10],  # too short
-])
+], ids=["bare-secret", "bad-id", "too-short"])  # fixed ids: the keys are random, and xdist workers must agree
 def test_malformed_entries_do_not_echo_secrets(bad: str) -> None:
     with pytest.raises(KeyRingError) as err:
         ring(keys=bad)

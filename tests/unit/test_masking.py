@@ -60,7 +60,8 @@ def test_tampered_token_is_refused() -> None:
         M1.unmask(bad)
 
 
-@pytest.mark.parametrize("text", ["", "nokey", "k1:!!!", "k1:" + "QUFB", "bad id!:" + K1.encode().split(":")[1]])
+@pytest.mark.parametrize("text", ["", "nokey", "k1:!!!", "k1:" + "QUFB", "bad id!:" + K1.encode().split(":")[1]],
+                         ids=["empty", "nokey", "bad-base64", "short", "bad-id"])  # fixed ids: K1 is random
 def test_malformed_keys(text: str) -> None:
     with pytest.raises(KeyError_):
         parse_key(text)
