@@ -5,6 +5,7 @@ Services start lazily: a test run that never asks for ``localstack`` or ``postgr
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sys
@@ -32,6 +33,12 @@ CACHE_DIR = REPO / ".cache"  # LocalStack venv, reused across runs (git-ignored)
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: takes more than a few seconds (fault injection, volume)")
     config.addinivalue_line("markers", "e2e: runs the whole pipeline against LocalStack and PostgreSQL")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    # pgserver logs from an atexit hook after pytest has closed the captured streams; that line is
+    # noise, not a failure, so logging must not print a "Logging error" traceback for it.
+    logging.raiseExceptions = False
 
 
 @pytest.fixture(scope="session", autouse=True)
