@@ -235,8 +235,11 @@ class MaskingSettings(_Section):
 class PipelineSettings(_Section):
     batch_size: int = Field(2000, ge=1, le=100_000, description="rows per COPY batch")
     batch_timeout: float = Field(0.1, gt=0, le=60, description=(
-        "seconds before a partial batch is flushed (while one batch commits the next one fills, so a short "
+        "seconds before a partial batch is flushed (while batches commit the next one fills, so a short "
         "timeout costs little)"))
+    write_concurrency: int = Field(2, ge=1, le=16, description=(
+        "COPY batch transactions in flight at once, each on one of `postgres.pool_size` connections (keep it "
+        "below that); messages are still acked only after their rows commit, in batch order"))
     queue_size: int = Field(64, ge=1, description="capacity of each inter-stage queue (receive batches)")
     grace_seconds: float = Field(10, ge=0, description="drain time on SIGTERM before held messages are released")
     state_dir: Path = Field(Path(".pipeline"), description="embedded default's state")

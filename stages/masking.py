@@ -27,6 +27,7 @@ __all__ = ["Masker", "MaskingKey", "KeyError_", "generate_key", "parse_key"]
 
 _KEY_ID = re.compile(r"[A-Za-z0-9_-]{1,16}")
 _KEY_BYTES = 64  # AES-256-SIV: two 256-bit keys
+_MEMO_SIZE = 1 << 17  # remembered tokens per masker (~20 MB at most)
 
 
 class KeyError_(ValueError):
@@ -90,7 +91,7 @@ class Masker:
     whoever holds the ring can authenticate redriven identities without a second key to manage.
     """
 
-    __slots__ = ("active", "_prefix", "_encrypt", "_ciphers", "origin_auth")
+    __slots__ = ("active", "_prefix", "_encrypt", "_ciphers", "origin_auth", "_memo")
 
     def __init__(self, keys: list[MaskingKey], active: str | None = None) -> None:
         if not keys:
@@ -104,13 +105,26 @@ class Masker:
         self._prefix = self.active + "."
         self._encrypt = self._ciphers[self.active].encrypt
         self.origin_auth = OriginAuth(keys, self.active)
+        self._memo: dict[str, str] = {}
 
     @property
     def key_ids(self) -> list[str]:
         return list(self._ciphers)
 
     def mask(self, value: str) -> str:
-        return self._prefix + base64.urlsafe_b64encode(self._encrypt(value.encode(), None)).rstrip(b"=").decode()
+        """The token of ``value``, remembered: the same ips and device ids come back event after event.
+
+        AES-SIV is deterministic, so a remembered token is the one encryption would give; the
+        memo is per masker (per active key) and bounded (cleared when full), and holds nothing
+        the process does not already hold in the bodies it is working on.
+        """
+        token = self._memo.get(value)
+        if token is None:
+            if len(self._memo) >= _MEMO_SIZE:
+                self._memo.clear()
+            token = self._memo[value] = (
+                self._prefix + base64.urlsafe_b64encode(self._encrypt(value.encode(), None)).rstrip(b"=").decode())
+        return token
 
     def unmask(self, token: str) -> str:
         """The original of ``token``; only the exact spelling ``mask`` produces is accepted.

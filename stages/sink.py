@@ -17,6 +17,7 @@ with backoff; meanwhile the queues fill up and the source stops polling.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from typing import Any
 
 import asyncpg
@@ -60,19 +61,24 @@ async def create_stage_table(conn: asyncpg.Connection, table: str) -> None:
 class CopySink:
     def __init__(
         self, pool: asyncpg.Pool, table: str, inbox: asyncio.Queue, acker: asyncio.Queue, stats: Stats, *,
-        batch_size: int, batch_timeout: float,
+        batch_size: int, batch_timeout: float, concurrency: int = 2,
     ) -> None:
         self.pool, self.table, self.inbox, self.acker, self.stats = pool, table, inbox, acker, stats
         self.batch_size, self.batch_timeout = batch_size, batch_timeout
+        self.concurrency = max(1, concurrency)  # batch transactions at once (each holds a pool connection)
         self.healthy = True
         self._insert = upsert_sql(table)
 
     async def run(self) -> None:
-        """Batch rows by size or age; while one batch commits, the next one fills.
+        """Batch rows by size or age; up to ``concurrency`` batches commit at once while the next one fills.
 
-        At most one batch is being written at a time (transactions never overlap, acks stay in
-        order), but the inbox keeps draining meanwhile, so the transformer is not stalled by
-        the database round trip and the database not by the transformer.
+        Why overlap: a batch's round trip (COPY, then the upsert, then COMMIT) leaves this process
+        idle and the database working, then the reverse; with two transactions in flight each side
+        works while the other does. Overlapping keys are safe (``ON CONFLICT DO NOTHING``; a
+        deadlock between two batches is transient and retried). Hand-offs to the acker stay in
+        batch order (each batch waits for the one before it), so acks and dead letters leave
+        exactly as they did with one transaction at a time, and a message is still acked only
+        after its row is committed.
         """
         loop = asyncio.get_running_loop()
         inbox, batch_size = self.inbox, self.batch_size
@@ -80,12 +86,12 @@ class CopySink:
         rows: list[tuple] = []
         msgs: list[dict] = []
         deadline = 0.0
-        writing: asyncio.Task | None = None
+        writing: deque[asyncio.Task] = deque()  # oldest first
 
-        async def start(rows: list[tuple], msgs: list[dict]) -> asyncio.Task:
-            if writing is not None:
-                await writing  # the previous batch first (re-raises what it raised)
-            return asyncio.create_task(self.flush(rows, msgs))
+        async def start(rows: list[tuple], msgs: list[dict]) -> None:
+            while len(writing) >= self.concurrency:
+                await writing.popleft()  # the oldest batch first (re-raises what it raised)
+            writing.append(asyncio.create_task(self.flush(rows, msgs, after=writing[-1] if writing else None)))
 
         try:
             while True:
@@ -95,16 +101,16 @@ class CopySink:
                     try:
                         item = await asyncio.wait_for(get(), deadline - loop.time())
                     except asyncio.TimeoutError:
-                        writing = await start(rows, msgs)
+                        await start(rows, msgs)
                         rows, msgs = [], []
                         continue
                 else:
                     item = await get()
                 if item is None:
                     if rows:
-                        writing = await start(rows, msgs)
-                    if writing is not None:
-                        await writing
+                        await start(rows, msgs)
+                    while writing:
+                        await writing.popleft()
                     await self.acker.put(None)
                     return
                 if not rows:
@@ -113,16 +119,18 @@ class CopySink:
                 msgs += item[1]
                 # One receive of multi-event messages may bring thousands of rows: cut exact batches.
                 while len(rows) >= batch_size:
-                    writing = await start(rows[:batch_size], msgs[:batch_size])
+                    await start(rows[:batch_size], msgs[:batch_size])
                     rows, msgs = rows[batch_size:], msgs[batch_size:]
                     if rows:
                         deadline = loop.time() + self.batch_timeout
         finally:
-            if writing is not None and not writing.done():
-                writing.cancel()
+            for task in writing:
+                if not task.done():
+                    task.cancel()
 
-    async def flush(self, rows: list[tuple], msgs: list[dict]) -> None:
-        """Commit ``rows`` (retrying transient errors forever), then pass ``msgs`` on."""
+    async def flush(self, rows: list[tuple], msgs: list[dict], *, after: asyncio.Task | None = None) -> None:
+        """Commit ``rows`` (retrying transient errors forever), then, once ``after`` (the batch
+        before) has handed its messages on, pass ``msgs`` on."""
         async for attempt in AsyncRetrying(
             retry=retry_if_exception(_is_transient),
             wait=backoff.wait,
@@ -131,6 +139,8 @@ class CopySink:
         ):
             with attempt:
                 inserted, bad, later = await self._write_isolating(rows, msgs)
+        if after is not None:
+            await after
         self.healthy = True
         self.stats.batches += 1
         self.stats.inserted += inserted

@@ -47,11 +47,25 @@ _EPOCH = dt.date(1970, 1, 1)
 _inet_pton, _inet_ntop, _AF_INET = socket.inet_pton, socket.inet_ntop, socket.AF_INET
 
 
+_normal_ips: dict[str, str] = {}
+
+
 def normalise_ip(text: str) -> str:
     """Canonical text of an IP, so every spelling of one address masks the same.
 
-    IPv4-mapped IPv6 (``::ffff:1.2.3.4``) is folded to its IPv4 form.
+    IPv4-mapped IPv6 (``::ffff:1.2.3.4``) is folded to its IPv4 form. Answers are remembered
+    (bounded): the same addresses come back, and ``ipaddress`` is slow for IPv6.
     """
+    known = _normal_ips.get(text)
+    if known is not None:
+        return known
+    if len(_normal_ips) >= 1 << 16:
+        _normal_ips.clear()
+    known = _normal_ips[text] = _normalise_ip(text)
+    return known
+
+
+def _normalise_ip(text: str) -> str:
     if ":" not in text:  # fast path: a dotted quad already in canonical form is its own answer
         try:
             if _inet_ntop(_AF_INET, _inet_pton(_AF_INET, text)) == text:

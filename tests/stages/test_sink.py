@@ -99,3 +99,32 @@ async def test_rows_the_database_rejects_are_isolated(pool: asyncpg.Pool) -> Non
     assert sorted(m["MessageId"] for m, _, _ in dead) == ["m-31", "m-7"]
     assert all(rule == "db.23514" and "23514" in reason for _, rule, reason in dead)
     assert await pool.fetchval("SELECT count(*) FROM user_logins") == 48
+
+
+async def test_two_batches_commit_at_once_and_hand_off_in_batch_order(pool: asyncpg.Pool, pg_dsn: str) -> None:
+    """While the first batch waits on a lock, the second commits; neither is acked before the first is."""
+    sink, inbox, acks, stats = make_sink(pool, batch_size=10)  # two transactions in flight (the default)
+    rows, msgs = messages(20)
+    blocker = await asyncpg.connect(pg_dsn)
+    try:
+        hold = blocker.transaction()
+        await hold.start()  # an uncommitted row with batch 1's first key: its upsert must wait for us
+        await blocker.execute("INSERT INTO user_logins (message_id, create_date) VALUES ($1, $2)", rows[0][0], rows[0][7])
+        task = asyncio.create_task(sink.run())
+        await inbox.put((rows, msgs))  # cut into two batches of 10
+        second = [m["MessageId"] for m in msgs[10:]]
+        deadline = asyncio.get_running_loop().time() + 30
+        while await blocker.fetchval("SELECT count(*) FROM user_logins WHERE message_id = ANY($1)", second) < 10:
+            assert asyncio.get_running_loop().time() < deadline, "the second batch never committed"
+            await asyncio.sleep(0.02)
+        assert acks.empty() and stats.inserted == 0  # committed, but handed on only after the first batch
+        await hold.rollback()
+        await inbox.put(None)
+        await task
+    finally:
+        await blocker.close()
+    first, second_ack = acks.get_nowait(), acks.get_nowait()
+    assert isinstance(first, Committed) and [m["MessageId"] for m in first.msgs] == [m["MessageId"] for m in msgs[:10]]
+    assert isinstance(second_ack, Committed) and [m["MessageId"] for m in second_ack.msgs] == second
+    assert stats.inserted == 20 and stats.batches == 2
+    assert await pool.fetchval("SELECT count(*) FROM user_logins") == 20

@@ -136,20 +136,28 @@ async def _phase_core(settings: Settings, bodies: list[str]) -> dict:
                                      init=lambda c: create_stage_table(c, table))
     results: dict[str, Any] = {}
     try:
-        # Raw COPY-with-upsert: rows built beforehand, the same statements CopySink runs.
+        # Raw COPY-with-upsert: rows built beforehand, the same statements CopySink runs, with as many
+        # transactions in flight as the sink (``pipeline.write_concurrency``): the ceiling the sink could reach.
         rows = [to_row(m["Body"], m["MessageId"], int(sent), masker) for m in msgs]
         insert = upsert_sql(table)
         await pool.execute(f"TRUNCATE {table}")
         meter = Meter()
         meter.start()
         meter.working()
-        async with pool.acquire() as c:
-            for chunk in chunks(rows, p.batch_size):
-                async with c.transaction():
-                    await c.copy_records_to_table(STAGE_TABLE, records=chunk, columns=COLUMNS, schema_name="pg_temp")
-                    await c.execute(insert)
-                meter.event(len(chunk))
+        todo = iter(list(chunks(rows, p.batch_size)))
+
+        async def copier() -> None:
+            async with pool.acquire() as c:
+                for chunk in todo:
+                    async with c.transaction():
+                        await c.copy_records_to_table(STAGE_TABLE, records=chunk, columns=COLUMNS,
+                                                      schema_name="pg_temp")
+                        await c.execute(insert)
+                    meter.event(len(chunk))
+
+        await asyncio.gather(*(copier() for _ in range(p.write_concurrency)))
         results["raw_copy"] = await meter.stop()
+        results["raw_copy"]["transactions_in_flight"] = p.write_concurrency
         del rows
 
         await pool.execute(f"TRUNCATE {table}")
@@ -159,7 +167,8 @@ async def _phase_core(settings: Settings, bodies: list[str]) -> dict:
         acks: asyncio.Queue = asyncio.Queue(p.queue_size * 4)
         meter = Meter(counter=lambda: stats.inserted)
         transformer = Transformer(raw, out, acks, masker, stats, settings.sqs.max_receive_count)
-        sink = CopySink(pool, table, out, acks, stats, batch_size=p.batch_size, batch_timeout=p.batch_timeout)
+        sink = CopySink(pool, table, out, acks, stats, batch_size=p.batch_size, batch_timeout=p.batch_timeout,
+                        concurrency=p.write_concurrency)
 
         async def feed() -> None:
             meter.working()
