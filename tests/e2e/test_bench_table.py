@@ -17,7 +17,8 @@ def test_bench_table_reports_every_variant_and_cleans_up(queues, pg_dsn: str, tm
     assert p.returncode == 0, p.stderr[-2000:]
     line = orjson.loads(p.stdout.splitlines()[-1])
     report = orjson.loads(Path(line["files"]["json"]).read_bytes())
-    assert set(report["ingest"]) == {"partitioned@0", "partitioned@3000", "partitioned_month_full@3000", "partitioned_no_indexes@0",
+    assert set(report["ingest"]) == {"partitioned@0", "partitioned@3000", "partitioned_month_full@3000",
+                                     "partitioned_month_full_no_indexes@3000", "partitioned_no_indexes@0",
                                      "unpartitioned@0", "unpartitioned@3000"}
     assert all(r["rows"] == 2 * 2000 and r["rows_per_s"] > 0 for r in report["ingest"].values())
     assert report["retention"]["rows_deleted"] == 2000 and report["retention"]["partitions_dropped"]

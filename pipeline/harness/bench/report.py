@@ -61,6 +61,9 @@ def report(settings: Settings, cfg: Settings, info: dict, opts: BenchOptions, ph
         # (d) counts events (rows): one commit event per row, whatever the message carried
         ratios["batched_vs_pipeline"] = _ratio(picked["batched"]["rate_per_s"], picked["pipeline"]["rate_per_s"])
         ratios["batched_vs_raw_copy"] = _ratio(picked["batched"]["rate_per_s"], picked["raw_copy"]["rate_per_s"])
+        if len(phases["batched"]) > 1:
+            ratios["batched_vs_raw_copy_by_round"] = [
+                _ratio(d["rate_per_s"], r["rate_per_s"]) for d, r in zip(phases["batched"], phases["raw_copy"])]
         for name in ("batched_vs_pipeline", "batched_vs_raw_copy"):
             met[name] = (ratios[name] or 0) >= TARGETS[name]
     if "latency" in picked and picked["latency"]["latency_ms"]:

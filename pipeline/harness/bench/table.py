@@ -4,7 +4,10 @@
   rows dated today, in ``pipeline.batch_size`` batches, into a partitioned table (with the
   configured indexes, and without them: their cost) and into an unpartitioned one (unique
   ``message_id`` only), each empty and then holding ``--table-rows`` rows spread over the past
-  year. The fill is generated server-side (``generate_series``) and indexed afterwards: fast.
+  year. The fill is generated server-side (``generate_series``) and indexed afterwards: fast;
+  but the current month's share of it is inserted with the indexes in place, as the pipeline
+  does. Each state is measured ``--rounds`` times from a checkpoint; the median is reported,
+  with the WAL written per row and the sizes of the indexes that take today's rows.
 * **retention**: removing a month of ``--month-rows`` rows by dropping its partition
   (``retention``), and by batched ``DELETE`` from an unpartitioned table.
 
@@ -15,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import logging
+import random
 import sys
 import time
 import uuid
@@ -28,16 +33,18 @@ from stages.sink import STAGE_TABLE, create_stage_table, upsert_sql
 from stages.transform import COLUMNS
 
 from ...settings import Settings
-from ...table.partitions import Layout, add_months, create_statements, month_start
+from ...table.partitions import Layout, add_months, create_statements, month_start, partition_name
 from ...table.retention import retention
 
 __all__ = ["table_bench", "add_table_arguments", "table_command"]
 
 log = logging.getLogger("pipeline.bench")
 
+# Masked values look like tokens: random text (as AES-SIV output is), an ip per row, a device seen ~10 times.
 _FILL = ("INSERT INTO {t} (user_id, device_type, masked_ip, masked_device_id, locale, app_version, create_date, message_id) "
-         "SELECT 'user-' || (i % 100000), 'android', 'k.' || md5(i::text), 'k.' || md5((i % 7919)::text), 'RU', '2.3.0', "
-         "{start}::date + (i % {days}), md5(i::text) FROM generate_series({lo}, {hi}) i")
+         "SELECT 'user-' || (i % 100000), 'android', 'k.' || md5(i::text), 'k.' || md5((i % 1000003)::text), 'RU', "
+         "'2.3.0', {start}::date + (i % {days}), md5(i::text) FROM generate_series({lo}, {hi}) i")
+_DEVICES = 1_000_003  # as in _FILL
 
 
 async def _create(conn: asyncpg.Connection, table: str, kind: str, indexes: tuple[str, ...], today: dt.date) -> None:
@@ -62,46 +69,92 @@ async def _index(conn: asyncpg.Connection, table: str, kind: str, indexes: tuple
 
 
 async def _fill(conn: asyncpg.Connection, table: str, rows: int, today: dt.date, *, through_today: bool = False,
-                chunk: int = 1_000_000) -> None:
-    """``rows`` over the 12 months before this one (history), or over the last 365 days up to today."""
+                current: bool = False, chunk: int = 1_000_000) -> None:
+    """``rows`` over the 12 months before this one (history), or over the last 365 days up to today.
+
+    With ``through_today``, only the rows before this month, or (``current``) only this month's:
+    those are inserted after the indexes exist, as the pipeline inserts them. An index built over
+    them afterwards would be packed full, and the measured inserts would split nearly every page
+    of it, which a partition grown by inserts never sees.
+    """
     start = today - dt.timedelta(days=365) if through_today else add_months(month_start(today), -12)
     days = 365 if through_today else (month_start(today) - start).days
+    fill = _FILL
+    if through_today:
+        fill += f" WHERE ('{start}'::date + (i % {days})) {'>=' if current else '<'} '{month_start(today)}'"
     for lo in range(1, rows + 1, chunk):
-        await conn.execute(_FILL.format(t=table, start=f"'{start}'", days=days, lo=lo, hi=min(lo + chunk - 1, rows)))
+        await conn.execute(fill.format(t=table, start=f"'{start}'", days=days, lo=lo, hi=min(lo + chunk - 1, rows)))
     await conn.execute(f"VACUUM ANALYZE {table}")
 
 
+def _token(text: str) -> str:
+    return "k." + hashlib.md5(text.encode()).hexdigest()
+
+
 async def _ingest(conn: asyncpg.Connection, table: str, batches: int, batch_size: int, today: dt.date) -> dict[str, Any]:
+    """One measured round. It starts from a checkpoint, so it never pays for writing out the fill.
+
+    Fresh rows carry random tokens like real ones (a new ip, a device drawn from the fill's): a
+    sequential fake token would always land at the same end of its index and hide that cost.
+    """
     await conn.execute(f"DROP TABLE IF EXISTS pg_temp.{STAGE_TABLE}")
     await create_stage_table(conn, table)
     insert = upsert_sql(table)
+    try:
+        await conn.execute("CHECKPOINT")
+    except asyncpg.InsufficientPrivilegeError:  # neither superuser nor pg_checkpoint: measured as it comes
+        pass
+    wal0 = await conn.fetchval("SELECT pg_current_wal_lsn()::text")
     seconds, rows = 0.0, 0
-    for b in range(batches):
-        fresh = [{"user_id": "user-1", "device_type": "ios", "masked_ip": f"k.ip{b}-{i}", "masked_device_id": f"k.dev{i}",
-                  "locale": None, "app_version": "2.3.0", "create_date": today, "message_id": str(uuid.uuid4())}
-                 for i in range(batch_size)]
-        records = [tuple(r[c] for c in COLUMNS) for r in fresh]
+    for _ in range(batches):
+        records = [(str(uuid.uuid4()), "user-1", "ios", _token(uuid.uuid4().hex), _token(str(random.randrange(_DEVICES))),
+                    None, "2.3.0", today) for _ in range(batch_size)]
         t0 = time.perf_counter()
         async with conn.transaction():
             await conn.copy_records_to_table(STAGE_TABLE, records=records, columns=COLUMNS, schema_name="pg_temp")
             await conn.execute(insert)
         seconds += time.perf_counter() - t0
         rows += batch_size
-    return {"rows": rows, "seconds": round(seconds, 3), "rows_per_s": round(rows / seconds) if seconds else None}
+    wal = await conn.fetchval("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::text::pg_lsn)", wal0)
+    return {"rows": rows, "seconds": round(seconds, 3), "rows_per_s": round(rows / seconds) if seconds else None,
+            "wal_bytes_per_row": round(float(wal) / rows) if rows else None}
+
+
+async def _rounds(conn: asyncpg.Connection, table: str, rounds: int, batches: int, batch_size: int, today: dt.date,
+                  *, reset: Any = None) -> dict[str, Any]:
+    """``rounds`` measured ingests, the median one reported with every round's rate (``reset`` empties between)."""
+    runs = []
+    for r in range(rounds):
+        if r and reset is not None:
+            await reset()
+        runs.append(await _ingest(conn, table, batches, batch_size, today))
+    median = sorted(runs, key=lambda x: x["rows_per_s"] or 0)[len(runs) // 2]
+    return {**median, "rounds_rows_per_s": [x["rows_per_s"] for x in runs]}
+
+
+async def _index_sizes(conn: asyncpg.Connection, table: str, today: dt.date, kind: str) -> dict[str, int]:
+    """MB of each index of the partition that takes today's rows (or of the plain table)."""
+    target = table if kind == "unpartitioned" else partition_name(table, month_start(today))
+    rows = await conn.fetch("SELECT c.relname, pg_relation_size(c.oid) AS size FROM pg_index i "
+                            "JOIN pg_class c ON c.oid = i.indexrelid WHERE i.indrelid = $1::text::regclass", target)
+    return {r["relname"].removeprefix(target + "_"): round(r["size"] / 2**20) for r in rows}
 
 
 async def table_bench(dsn: str, *, table_rows: int = 10_000_000, month_rows: int = 1_000_000, batches: int = 50,
                       batch_size: int = 2000, indexes: tuple[str, ...] = ("masked_ip", "masked_device_id"),
-                      today: dt.date | None = None) -> dict[str, Any]:
+                      today: dt.date | None = None, rounds: int = 3) -> dict[str, Any]:
     """Run every measurement; return ``{"ingest": {...}, "retention": {...}, "ratios": {...}}``."""
     today = today or dt.datetime.now(dt.UTC).date()
     conn = await asyncpg.connect(dsn, command_timeout=None)
     out: dict[str, Any] = {"table_rows": table_rows, "month_rows": month_rows, "batch_size": batch_size,
-                           "indexes": list(indexes), "ingest": {}, "retention": {}}
+                           "indexes": list(indexes), "rounds": rounds,
+                           "shared_buffers": await conn.fetchval("SHOW shared_buffers"), "ingest": {}, "retention": {}}
     try:
         # (name, indexes, fills, rows up to today): the current month also holding a month's share of the
-        # rows is what a partitioned table sees at the end of a month, history alone at its start.
+        # rows is what a partitioned table sees at the end of a month, history alone at its start. Without
+        # indexes at a month's end: what the unique key alone costs there.
         variants = [("partitioned", indexes, [0, table_rows], False), ("partitioned_month_full", indexes, [table_rows], True),
+                    ("partitioned_month_full_no_indexes", (), [table_rows], True),
                     ("partitioned_no_indexes", (), [0], False), ("unpartitioned", (), [0, table_rows], False)]
         for name, idx, fills, through_today in variants:
             kind = "unpartitioned" if name == "unpartitioned" else "partitioned"
@@ -111,10 +164,20 @@ async def table_bench(dsn: str, *, table_rows: int = 10_000_000, month_rows: int
                 if fill:
                     t0 = time.perf_counter()
                     await _fill(conn, table, fill, today, through_today=through_today)
+                await _index(conn, table, kind, idx, today)
+                if fill and through_today:
+                    await _fill(conn, table, fill, today, through_today=True, current=True)
+                if fill:
                     log.info("bench table filled", extra={"table": name, "rows": fill,
                                                           "seconds": round(time.perf_counter() - t0, 1)})
-                await _index(conn, table, kind, idx, today)
-                out["ingest"][f"{name}@{fill}"] = r = await _ingest(conn, table, batches, batch_size, today)
+
+                async def empty(table: str = table, kind: str = kind, idx: tuple[str, ...] = idx) -> None:
+                    await _create(conn, table, kind, idx, today)
+                    await _index(conn, table, kind, idx, today)
+
+                r = await _rounds(conn, table, rounds, batches, batch_size, today, reset=None if fill else empty)
+                r["index_mb"] = await _index_sizes(conn, table, today, kind)
+                out["ingest"][f"{name}@{fill}"] = r
                 log.info("bench ingest", extra={"table": name, "rows_before": fill, **r})
             await conn.execute(f"DROP TABLE {table} CASCADE")
         out["retention"] = await _retention(conn, month_rows, today)
@@ -131,6 +194,8 @@ async def table_bench(dsn: str, *, table_rows: int = 10_000_000, month_rows: int
     out["ratios"] = {
         "partitioned_full_vs_empty": ratio(f"partitioned@{table_rows}", "partitioned@0"),
         "partitioned_month_full_vs_empty": ratio(f"partitioned_month_full@{table_rows}", "partitioned@0"),
+        "partitioned_month_full_no_indexes_vs_empty": ratio(f"partitioned_month_full_no_indexes@{table_rows}",
+                                                            "partitioned_no_indexes@0"),
         "unpartitioned_full_vs_empty": ratio(f"unpartitioned@{table_rows}", "unpartitioned@0"),
         "partitioned_vs_unpartitioned_full": ratio(f"partitioned@{table_rows}", f"unpartitioned@{table_rows}"),
         "indexes_cost_empty": ratio("partitioned@0", "partitioned_no_indexes@0"),
@@ -188,12 +253,14 @@ async def table_command(settings: Settings, args: argparse.Namespace) -> int:
     async with embedded(settings, broker=False, key=False) as effective:
         result = await table_bench(effective.postgres.dsn.get_secret_value(), table_rows=args.table_rows,
                                    month_rows=args.month_rows, batches=args.table_batches,
-                                   batch_size=effective.pipeline.batch_size, indexes=effective.postgres.index_columns)
+                                   batch_size=effective.pipeline.batch_size, indexes=effective.postgres.index_columns,
+                                   rounds=max(1, args.rounds))
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "table.json"
     path.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
     for name, r in result["ingest"].items():
-        print(f"ingest {name:<36} {r['rows_per_s']:>10,} rows/s")
+        print(f"ingest {name:<44} {r['rows_per_s']:>10,} rows/s (rounds {r['rounds_rows_per_s']}), "
+              f"{r['wal_bytes_per_row']} WAL bytes/row, index MB {r['index_mb']}")
     ret = result["retention"]
     print(f"retention of {args.month_rows:,} rows: drop partition {ret['drop_partition_s']} s, DELETE {ret['delete_s']} s")
     sys.stdout.write(orjson.dumps({"ratios": result["ratios"], "met": result["met"], "files": {"json": str(path)}}).decode() + "\n")
