@@ -72,7 +72,9 @@ def _normalise_ip(text: str) -> str:
                 return text
         except (OSError, ValueError):
             pass  # not a plain dotted quad: let ipaddress decide (and word the rejection)
-    addr = ipaddress.ip_address(text)
+        addr = ipaddress.ip_address(text)
+    else:  # what ip_address would answer, without first failing (and raising) as IPv4
+        addr = ipaddress.IPv6Address(text)
     if addr.version == 6 and addr.ipv4_mapped is not None:  # type: ignore[union-attr]
         addr = addr.ipv4_mapped  # type: ignore[union-attr]
     return addr.compressed
