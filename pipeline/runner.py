@@ -108,6 +108,7 @@ async def run(
             concurrency=p.write_concurrency,
         )
         acker = rt.acker = Acker(client, s.queue_url, s.dlq_url, acks, leases, stats, _limiter(s, "delete"))
+        acker.limit.follows = source.limit  # acks keep up with receives: deletes may grow to the receive limit
         heartbeat = Heartbeat(client, s.queue_url, leases, stats, s.visibility_timeout or 30)
 
         source_task = asyncio.create_task(source.run(), name="source")

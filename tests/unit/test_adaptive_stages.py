@@ -78,6 +78,33 @@ async def test_receive_concurrency_grows_under_latency() -> None:
     assert sqs.most <= 32 and stats.rtt["ReceiveMessage"].count > 0
 
 
+class Saturated(Endless):
+    """A broker that serves one receive at a time: more calls in flight only queue (loopback, CPU-bound)."""
+
+    def __init__(self, service: float) -> None:
+        super().__init__(service)
+        self.lock = asyncio.Lock()
+        self.calls = self.most_calls = 0  # calls under way, queued ones included
+
+    async def receive_message(self, **request: Any) -> dict:
+        self.calls += 1
+        self.most_calls = max(self.most_calls, self.calls)
+        try:
+            async with self.lock:
+                return await super().receive_message(**request)
+        finally:
+            self.calls -= 1
+
+
+async def test_receive_concurrency_does_not_grow_where_it_adds_no_throughput() -> None:
+    # CASE: every receive is full and permits are busy (demand), but the round trip rises with the
+    # concurrency: each step up is taken back, so the receivers stay near their start
+    sqs = Saturated(0.002)
+    stats, _ = await run_source(sqs, Limiter("receive", start=4, maximum=64),
+                                until_=lambda s: s.received >= 1500 and s.concurrency["receive"] == 4)
+    assert sqs.most_calls <= 8  # at most one step up (a probe), never compounded
+
+
 async def test_receive_concurrency_shrinks_on_throttling(monkeypatch: pytest.MonkeyPatch) -> None:
     # CASE: receives are throttled -> the limit falls below its start (and the errors are counted)
     monkeypatch.setattr(backoff, "delay", lambda attempt: 0.01)

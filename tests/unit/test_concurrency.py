@@ -45,6 +45,47 @@ async def test_grows_fast_under_added_latency_while_calls_come_back_full() -> No
     assert (seen.index(128) + 1) * 0.05 <= 1.0, seen  # simulated time: 4 doublings, a window of >= 0.1 s each
 
 
+async def test_does_not_grow_when_more_concurrency_adds_no_throughput() -> None:
+    # CASE: loopback: the broker serves 400 calls/s whatever the concurrency; round trips only queue,
+    # so every step up is taken back (a probe of one window) and the limit stays where it started
+    clock = Clock()
+    lim = Limiter("receive", start=8, maximum=128, clock=clock, call_size=10)
+    seen = await rounds(lim, clock, 400, base_rtt=0.001, capacity=400)
+    assert max(seen) <= 16 and lim.limit == 8, seen  # probes never compound
+    assert seen.count(16) < len(seen) / 10  # at 8 nearly all the time: one probe per hold, not one per window
+
+
+async def test_grows_while_growth_pays_and_stops_where_it_stops_paying() -> None:
+    # CASE: 50 ms round trips and a broker saturated at 32 calls in flight (640 calls/s): the doubling
+    # reaches 32, the step to 64 doubles the round trip and is taken back; never 128
+    clock = Clock()
+    lim = Limiter("receive", start=8, maximum=128, clock=clock, call_size=10)
+    seen = await rounds(lim, clock, 400, base_rtt=0.05, capacity=640)
+    assert 32 in seen and max(seen) <= 64 and lim.limit == 32, seen
+    assert seen.index(32) * 0.05 <= 1.0, seen  # the ramp to where it pays is as fast as before
+
+
+async def test_probes_again_after_the_hold() -> None:
+    # CASE: the broker was saturated, then gets faster (capacity x 10): after the hold the limit grows again
+    clock = Clock()
+    lim = Limiter("receive", start=8, maximum=128, clock=clock, call_size=10)
+    await rounds(lim, clock, 200, base_rtt=0.01, capacity=800)
+    assert lim.limit <= 16
+    await rounds(lim, clock, 2000, base_rtt=0.01, capacity=8000)
+    assert lim.limit >= 64
+
+
+async def test_deletes_may_always_grow_to_the_receive_limit() -> None:
+    # CASE: acks keep up with receives: on a saturated broker deletes still grow (on demand) to the receive
+    # limit they follow, and no further; without it they stay where they started
+    for follows, expected in ((Limiter("receive", start=64, pinned=64), 64), (None, 8)):
+        clock = Clock()
+        lim = Limiter("delete", start=8, maximum=128, clock=clock)
+        lim.follows = follows
+        seen = await rounds(lim, clock, 300, base_rtt=0.001, capacity=400)
+        assert seen[-100:].count(expected) >= 80 and max(seen) <= 2 * expected, seen  # past it: probes only
+
+
 async def test_partial_receives_do_not_grow_it_and_drift_it_back() -> None:
     # CASE: calls bring 2 of 10 messages (supply below demand): more calls would not find more
     clock = Clock()
