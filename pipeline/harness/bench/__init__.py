@@ -90,10 +90,17 @@ async def bench(settings: Settings, opts: BenchOptions) -> dict:
                 # (d) and (c) every round too: their ratio compares medians measured under the same load.
                 if opts.events_per_message > 1:  # batched messages: events/s, next to (b) and to raw COPY
                     n_msgs = max(20, opts.count * opts.batched_factor // opts.events_per_message)
+                    packing = Packing(events_per_message=opts.events_per_message, shape=Shape(gzip=opts.batch_gzip))
+                    # The bare loop on the same messages: what the broker allows in events/s for this shape.
+                    await _fill(cfg, broker_q, n_msgs, opts, f"(a) bare loop, batches of {opts.events_per_message}",
+                                packing=packing)
+                    bare = await Child("_phase_broker", broker_cfg, n_msgs, best_c, best_c).result()
+                    await _settle(far)
                     await _fill(cfg, s.queue_url, n_msgs, opts, f"(d) batches of {opts.events_per_message} events",
-                                packing=Packing(events_per_message=opts.events_per_message,
-                                                shape=Shape(gzip=opts.batch_gzip)))
-                    phases.setdefault("batched", []).append(await run_pipeline_phase(far, n_msgs))
+                                packing=packing)
+                    d = await run_pipeline_phase(far, n_msgs)
+                    d["bare_loop_events_per_s"] = round(bare["rate_per_s"] * opts.events_per_message, 1)
+                    phases.setdefault("batched", []).append(d)
                     await drop_table(cfg.postgres.dsn.get_secret_value(), cfg.postgres.table)
                 core = await Child("_phase_core", cfg, sample_bodies(opts.count, opts.seed)).result()
                 phases.setdefault("core", []).append(core["core"])

@@ -66,6 +66,9 @@ def report(settings: Settings, cfg: Settings, info: dict, opts: BenchOptions, ph
                 _ratio(d["rate_per_s"], r["rate_per_s"]) for d, r in zip(phases["batched"], phases["raw_copy"])]
         for name in ("batched_vs_pipeline", "batched_vs_raw_copy"):
             met[name] = (ratios[name] or 0) >= TARGETS[name]
+        if picked["batched"].get("bare_loop_events_per_s"):  # no target: (d) against the broker, same messages
+            ratios["batched_vs_batched_broker"] = _ratio(picked["batched"]["rate_per_s"],
+                                                         picked["batched"]["bare_loop_events_per_s"])
     if "latency" in picked and picked["latency"]["latency_ms"]:
         met["latency_p99_ms"] = picked["latency"]["latency_ms"]["p99"] <= TARGETS["latency_p99_ms"]
     if "memory" in picked:
@@ -199,7 +202,10 @@ def table(report: dict) -> str:
                    "the half-rate run is the end-to-end latency.")
     if ratios.get("batched_vs_pipeline") is not None:
         out.append(f"(d) events/s: {ratios['batched_vs_pipeline']:.1f} x (b)'s one event per message, "
-                   f"{ratios['batched_vs_raw_copy']:.2f} x the raw COPY-with-upsert ceiling")
+                   f"{ratios['batched_vs_raw_copy']:.2f} x the raw COPY-with-upsert ceiling"
+                   + (f", {ratios['batched_vs_batched_broker']:.2f} x the bare receive+delete loop on the same "
+                      f"messages ({ph['batched']['bare_loop_events_per_s']:,.0f} events/s)"
+                      if ratios.get("batched_vs_batched_broker") is not None else ""))
     if ratios.get("cpu_vs_broker") is not None:
         out.append(f"CPU per message while draining, pipeline / bare loop: {ratios['cpu_vs_broker']:.2f} "
                    f"(whole phase, start-up included: {ratios['cpu_vs_broker_whole_phase']:.2f})")
