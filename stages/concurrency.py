@@ -23,9 +23,12 @@ Request Concurrency. It decides once per window of at least ``MIN_WINDOW_S`` and
   ``limit / mean RTT`` calls a second, so a step from ``L0`` to ``L1`` pays only if the round
   trip did not rise with it. The window after each step checks it: if the mean RTT rose by
   more than ``(L1/L0) / (1 + GAIN × (L1/L0 - 1))`` (the step bought less than ``GAIN`` of the
-  throughput it promised: the broker or our own event loop is saturated, as at loopback), the
-  limit goes back to ``L0`` and stays at or below it for ``HOLD_S`` before it probes again.
-  At a network round trip the RTT does not move with concurrency and the ramp is unchanged.
+  throughput it promised) while calls queue (the RTT is over ``HEADROOM`` × the base RTT
+  below: the broker or our own event loop is saturated, as at loopback), the limit goes back
+  to ``L0`` and stays at or below it for ``HOLD_S`` before it probes again. At a network round
+  trip the RTT hardly moves with concurrency and the ramp is unchanged; a saturated machine
+  at 50 ms (RTT up by half) still grows, as a client with more calls in flight there gets a
+  larger share of a broker others use too.
   Nor does it grow past what Little's law says the demand needs: ``HEADROOM`` × the calls
   asked for per second × the base RTT (the lowest window mean, which creeps up by
   ``BASE_DRIFT`` a window so that a slower network is learnt). For receives, whose callers ask
@@ -68,8 +71,8 @@ WINDOW_RTTS = 1  # ... and a mean round trip (calls started at a new limit repor
 BUSY = 0.9  # share of the window all permits were in use, for demand to count without a waiter
 GAIN = 0.15  # a growth step must deliver this share of the throughput it promised (by Little's law)
 HOLD_S = 2.0  # after a step that did not pay, no growth past its start for this long
-HEADROOM = 2.0  # growth stops at this × calls asked for per second × base RTT (Little's law)
-BASE_DRIFT = 1.01  # the base RTT (lowest window mean) rises by this a window unless a window undercuts it
+HEADROOM = 3.0  # growth stops at this × calls asked for per second × base RTT (Little's law)
+BASE_DRIFT = 1.0005  # the base RTT (lowest window mean) rises by this a window unless a window undercuts it
 
 
 class Limiter:
@@ -204,7 +207,7 @@ class Limiter:
             self._cut(int(limit * ERROR_DECREASE), "errors")
         elif full:
             self._cut(int(limit * FULL_DECREASE), "downstream full")
-        elif probe is not None and not _paid(probe[0], limit, probe[1], rtt):
+        elif probe is not None and rtt > HEADROOM * base and not _paid(probe[0], limit, probe[1], rtt):
             self._plateau, self._plateau_until = probe[0], now + HOLD_S
             self._set(probe[0], "no gain")
         elif items == 0:  # every call came back empty (idle long polls) or moved nothing
