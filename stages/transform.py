@@ -59,7 +59,7 @@ def normalise_ip(text: str) -> str:
     known = _normal_ips.get(text)
     if known is not None:
         return known
-    if len(_normal_ips) >= 1 << 16:
+    if len(_normal_ips) >= 1 << 12:  # small: hot addresses only (raw values, kept briefly)
         _normal_ips.clear()
     known = _normal_ips[text] = _normalise_ip(text)
     return known
