@@ -114,12 +114,17 @@ def queues(localstack: LocalStack) -> Iterator[Queues]:
     try:
         yield Queues(queue_url, dlq_url, localstack.endpoint, client)
     finally:
-        for url in (queue_url, dlq_url):
-            try:
-                client.delete_queue(QueueUrl=url)
-            except (BotoCoreError, ClientError):  # already gone, or LocalStack is: nothing to clean
-                pass
+        delete_queues(client, queue_url, dlq_url)
         client.close()
+
+
+def delete_queues(client: Any, *urls: str) -> None:
+    """Delete test queues; one already gone (or a LocalStack already stopped) leaves nothing to clean."""
+    for url in urls:
+        try:
+            client.delete_queue(QueueUrl=url)
+        except (BotoCoreError, ClientError):
+            pass
 
 
 @pytest.fixture

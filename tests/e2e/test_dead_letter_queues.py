@@ -14,11 +14,10 @@ from typing import Any
 import orjson
 import pytest
 
-from pipeline.errors import PreflightError
 from pipeline.runner import Runtime, run
 from pipeline.sample import sample_bodies
 from stages.masking import generate_key
-from tests.conftest import Queues
+from tests.conftest import Queues, delete_queues
 from tests.helpers import drain, fetch, make_settings, pipeline_env, queue_counts, run_cli, send_bodies
 
 pytestmark = pytest.mark.e2e
@@ -36,11 +35,7 @@ def fifo_queues(localstack: Any, queues: Queues) -> Iterator[Queues]:
     try:
         yield Queues(q, d, queues.endpoint, client)
     finally:
-        for url in (q, d):
-            try:
-                client.delete_queue(QueueUrl=url)
-            except Exception:  # noqa: BLE001 - already gone
-                pass
+        delete_queues(client, q, d)
 
 
 def _send_fifo(client: Any, url: str, bodies_by_group: dict[str, list[str]]) -> None:
@@ -196,4 +191,3 @@ def test_preflight_error_for_same_arn_is_one_line() -> None:
     assert "is the source queue" in (queue_pair_problem({"QueueArn": arn}, {"QueueArn": arn}) or "")
     assert queue_pair_problem({"QueueArn": arn}, {"QueueArn": arn + "-dlq"}) is None
     assert "FIFO" in (queue_pair_problem({"QueueArn": "a", "FifoQueue": "true"}, {"QueueArn": "b"}) or "")
-    assert isinstance(PreflightError("x"), Exception)
