@@ -101,7 +101,7 @@ async def test_receive_concurrency_does_not_grow_where_it_adds_no_throughput() -
     # concurrency: growth stops where calls queue (one step), a step further is taken back
     sqs = Saturated(0.002)
     stats, _ = await run_source(sqs, Limiter("receive", start=4, maximum=64),
-                                until_=lambda s: s.received >= 1500 and s.concurrency["receive"] == 8)
+                                until_=lambda s: s.received >= 1500 and s.concurrency["receive"] <= 8)
     assert sqs.most_calls <= 16  # one step to where calls queue, one more as a probe, never compounded
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+import stages.addresses as addresses
 import stages.masking as masking
 import stages.transform as transform
 from stages.masking import Masker, generate_key
@@ -28,10 +29,10 @@ def test_a_memo_belongs_to_its_key() -> None:
 
 
 def test_normalised_ips_are_remembered_but_bad_ones_are_not(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(transform, "_normal_ips", {})
+    monkeypatch.setattr(addresses, "_memo", {})
     assert transform.normalise_ip("::ffff:1.2.3.4") == "1.2.3.4"
     assert transform.normalise_ip("::ffff:1.2.3.4") == "1.2.3.4"  # from the memo
     assert transform.normalise_ip("2001:DB8::1") == "2001:db8::1"
     with pytest.raises(ValueError):
         transform.normalise_ip("300.1.2.3")
-    assert "300.1.2.3" not in transform._normal_ips
+    assert "300.1.2.3" not in addresses._memo
