@@ -6,8 +6,11 @@ duplicate counts break. ``rekey`` decrypts each old token with its key from the 
 encrypts it under the active key, which gives exactly the token a fresh write would get.
 
 Batches of ``batch_size`` rows, one transaction each: ``SELECT … FOR UPDATE`` the next rows
-whose masked columns carry another key id (keyset on ``message_id`` through its unique
-index), re-mask them in Python, ``UPDATE … FROM unnest(…)``. The WHERE skips rows already
+whose masked columns carry another key id (keyset on the table's unique key, so each page is
+an index range, not a sort: ``(create_date, message_id)`` on a partitioned table keyed that
+way, ``message_id`` on others), re-mask them in Python, ``UPDATE … FROM unnest(…)`` matching
+the whole key (on a partitioned table, also the batch's date range, so it prunes to the
+partitions the batch came from). The WHERE skips rows already
 on the active key, so the command is idempotent and resumable: after a crash, Ctrl-C or
 ``--max-batches`` a rerun continues where the last committed batch ended. Rows that
 predate the pipeline (values that are not tokens, e.g. the takehome's hashes) are left
@@ -50,6 +53,14 @@ def _needs(col: str) -> str:
 
 
 _NEEDS = " OR ".join(_needs(c) for c in COLUMNS)
+
+# A unique index on exactly (create_date, message_id), in that order, without a predicate.
+_DATE_KEY = (
+    "SELECT count(*) > 0 FROM pg_index i WHERE i.indrelid = to_regclass($1) AND i.indisunique "
+    "AND i.indpred IS NULL AND i.indnkeyatts = 2 "
+    "AND (SELECT attname FROM pg_attribute WHERE attrelid = i.indrelid AND attnum = i.indkey[0]) = 'create_date' "
+    "AND (SELECT attname FROM pg_attribute WHERE attrelid = i.indrelid AND attnum = i.indkey[1]) = 'message_id'"
+)
 
 
 class _Progress:
@@ -147,15 +158,16 @@ async def rekey(
         changed: dict[str, Counter[str]] = defaultdict(Counter)
         updated = batches = 0
         stopped_early = False
+        by_date = await conn.fetchval(_DATE_KEY, table)
         bar = _Progress(plan["pending"], progress_interval)
         try:
-            for phase in ("message_id", "ctid"):
-                last = ""
+            for phase in ("date" if by_date else "message_id", "ctid"):
+                last: Any = None
                 while True:
                     if max_batches is not None and batches >= max_batches:
                         stopped_early = True
                         break
-                    n, last, counts = await _batch(conn, table, masker, prefix, phase, last, batch_size)
+                    n, last, counts = await _batch(conn, table, masker, prefix, phase, last, batch_size, by_date)
                     if not n:
                         break
                     batches += 1
@@ -182,10 +194,35 @@ async def rekey(
         await conn.execute("SELECT pg_advisory_unlock($1)", REKEY_LOCK)
 
 
+def page_by_date_sql(table: str, *, first: bool) -> str:
+    """The next page in key order: an index range on ``(create_date, message_id)``, no sort.
+
+    ``$1``/``$2`` token pattern and active prefix, ``$3`` page size, ``$4``/``$5`` the last key
+    of the previous page. A row comparison lets a NULL ``message_id`` through: excluded by name.
+    """
+    after = "" if first else "(create_date, message_id) > ($4::date, $5::text) AND "
+    return (f"SELECT create_date AS day, message_id AS id, masked_ip, masked_device_id FROM {table} WHERE {after}"
+            f"message_id IS NOT NULL AND create_date IS NOT NULL AND ({_NEEDS}) "
+            "ORDER BY create_date, message_id LIMIT $3 FOR UPDATE")
+
+
+def update_by_date_sql(table: str) -> str:
+    """Match the whole key; ``$5``/``$6``, the page's first and last date, prune the other partitions."""
+    return (f"UPDATE {table} AS t SET masked_ip = v.ip, masked_device_id = v.dev "
+            "FROM unnest($1::text[], $2::date[], $3::text[], $4::text[]) AS v(id, day, ip, dev) "
+            "WHERE t.create_date = v.day AND t.message_id = v.id AND t.create_date BETWEEN $5 AND $6")
+
+
 async def _batch(
-    conn: asyncpg.Connection, table: str, masker: Masker, prefix: str, phase: str, last: str, size: int,
-) -> tuple[int, str, dict[str, Counter[str]]]:
-    """One transaction: lock the next ``size`` rows that need it, re-mask, update."""
+    conn: asyncpg.Connection, table: str, masker: Masker, prefix: str, phase: str, last: Any, size: int,
+    by_date: bool,
+) -> tuple[int, Any, dict[str, Counter[str]]]:
+    """One transaction: lock the next ``size`` rows that need it, re-mask, update.
+
+    Phases: ``date`` (keyset on ``(create_date, message_id)``) or ``message_id`` (keyset on it),
+    then ``ctid`` for the rows the key cannot page: no ``message_id`` (or, keyed by date, no
+    ``create_date``), which the WHERE alone makes progress through.
+    """
     counts: dict[str, Counter[str]] = defaultdict(Counter)
 
     def remask(value: str | None, col: str, where: str) -> str | None:
@@ -199,42 +236,51 @@ async def _batch(
         counts[kid][col] += 1
         return masker.mask(raw)
 
+    cols = "masked_ip, masked_device_id"
     async with conn.transaction():
-        if phase == "message_id":
+        if phase == "date":
+            rows = await conn.fetch(page_by_date_sql(table, first=last is None),
+                                    TOKEN_SQL, prefix, size, *(() if last is None else last))
+        elif phase == "message_id":
             rows = await conn.fetch(
-                f"SELECT message_id AS id, masked_ip, masked_device_id FROM {table} "
+                f"SELECT message_id AS id, {cols} FROM {table} "
                 f"WHERE message_id > $3 AND ({_NEEDS}) ORDER BY message_id LIMIT $4 FOR UPDATE",
-                TOKEN_SQL, prefix, last, size,
+                TOKEN_SQL, prefix, last or "", size,
             )
         else:  # rows without a message id that hold tokens anyway (rare: written by hand)
             # ctid is unique only within one heap: on a partitioned table the partition (tableoid) is part of it.
+            unkeyed = "(message_id IS NULL OR create_date IS NULL)" if by_date else "message_id IS NULL"
             rows = await conn.fetch(
-                f"SELECT tableoid::oid AS part, ctid AS id, masked_ip, masked_device_id FROM {table} "
-                f"WHERE message_id IS NULL AND ({_NEEDS}) LIMIT $3 FOR UPDATE",
+                f"SELECT tableoid::oid AS part, ctid AS id, {cols} FROM {table} "
+                f"WHERE {unkeyed} AND ({_NEEDS}) LIMIT $3 FOR UPDATE",
                 TOKEN_SQL, prefix, size,
             )
         if not rows:
             return 0, last, counts
         ids, ips, devs = [], [], []
         for r in rows:
-            where = f"message_id={r['id']}" if phase == "message_id" else f"ctid={r['id']}"
+            where = f"ctid={r['id']}" if phase == "ctid" else f"message_id={r['id']}"
             ids.append(r["id"])
             ips.append(remask(r["masked_ip"], "masked_ip", where))
             devs.append(remask(r["masked_device_id"], "masked_device_id", where))
-        if phase == "message_id":
+        update = f"UPDATE {table} AS t SET masked_ip = v.ip, masked_device_id = v.dev "
+        if phase == "date":
+            days = [r["day"] for r in rows]
+            await conn.execute(update_by_date_sql(table), ids, days, ips, devs, days[0], days[-1])
+            last = (rows[-1]["day"], rows[-1]["id"])
+        elif phase == "message_id":
             await conn.execute(
-                f"UPDATE {table} AS t SET masked_ip = v.ip, masked_device_id = v.dev "
-                "FROM unnest($1::text[], $2::text[], $3::text[]) AS v(id, ip, dev) WHERE t.message_id = v.id",
+                update + "FROM unnest($1::text[], $2::text[], $3::text[]) AS v(id, ip, dev) WHERE t.message_id = v.id",
                 ids, ips, devs,
             )
+            last = rows[-1]["id"]
         else:
             await conn.execute(
-                f"UPDATE {table} AS t SET masked_ip = v.ip, masked_device_id = v.dev "
-                "FROM unnest($1::oid[], $2::tid[], $3::text[], $4::text[]) AS v(part, id, ip, dev) "
+                update + "FROM unnest($1::oid[], $2::tid[], $3::text[], $4::text[]) AS v(part, id, ip, dev) "
                 "WHERE t.tableoid = v.part AND t.ctid = v.id",
                 [r["part"] for r in rows], ids, ips, devs,
             )
-    return len(rows), (rows[-1]["id"] if phase == "message_id" else last), counts
+    return len(rows), last, counts
 
 
 def add_arguments(rk: argparse.ArgumentParser) -> None:

@@ -104,8 +104,14 @@ async def _prepare(conn: asyncpg.Connection, table: str, layout: Layout) -> None
         m = add_months(m, 1)
     cols = ", ".join(COLUMNS_SQL)
     row_of = lambda alias: "(" + ", ".join(f"{alias}.{c}" for c in COLUMNS_SQL) + ")"  # noqa: E731
-    key_match = (f"((n.message_id = o.message_id AND n.create_date IS NOT DISTINCT FROM o.create_date) OR "
-                 f"(n.message_id IS NULL AND o.message_id IS NULL AND {row_of('n')} IS NOT DISTINCT FROM {row_of('o')}))")
+    # Same key (or, without a message_id, same row). Each branch pins both key columns by equality
+    # or IS NULL (IS NOT DISTINCT FROM is no index condition): an index lookup on
+    # (create_date, message_id), so a mirrored delete never scans the new table's index whole.
+    same_row = f"{row_of('n')} IS NOT DISTINCT FROM {row_of('o')}"
+    key_match = " OR ".join(f"({d} AND {m})" for d in (
+        "n.create_date = o.create_date", "n.create_date IS NULL AND o.create_date IS NULL") for m in (
+        "n.message_id = o.message_id", f"n.message_id IS NULL AND o.message_id IS NULL AND {same_row}"))
+    key_match = f"({key_match})"
     async with conn.transaction():
         for stmt in create_statements(new, layout, named_for=table, months=months):
             await conn.execute(stmt)

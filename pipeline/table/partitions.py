@@ -1,8 +1,13 @@
 """Monthly range partitions on ``create_date``: what exists, what is missing, the DDL that adds it.
 
-A partitioned table is keyed on ``(message_id, create_date)``: PostgreSQL needs the partition key
+A partitioned table is keyed on ``(create_date, message_id)``: PostgreSQL needs the partition key
 in every unique index, and the pair still deduplicates every redelivery because ``create_date`` is
-the message's send date, which never changes. Rows dated outside the created months land in the
+the message's send date, which never changes. ``create_date`` leads so that a day's inserts land in
+one narrow region of the key instead of all over it: the current month's key stays cheap to
+maintain once it outgrows shared buffers (tables from before keep ``(message_id, create_date)``;
+either counts as the key). The masked columns get hash indexes: their values are pseudorandom
+tokens, only equality on them means anything, and a hash index is about half a btree's size on
+them. Rows dated outside the created months land in the
 ``DEFAULT`` partition; when a month is created later, its rows are moved out of ``DEFAULT`` in the
 same transaction (PostgreSQL refuses to create a partition whose rows sit in ``DEFAULT``).
 """
@@ -133,9 +138,8 @@ def create_statements(table: str, layout: Layout, *, named_for: str | None = Non
     """
     final = named_for or table
     body = ", ".join(f"{name} {kind}" for name, kind in COLUMNS_SQL.items())
-    out = [f"CREATE TABLE {table} ({body}) PARTITION BY RANGE (create_date)",
-           f"CREATE UNIQUE INDEX {final}_message_id_create_date_key ON {table} (message_id, create_date)"]
-    out += [f"CREATE INDEX {final}_{col}_idx ON {table} ({col})" for col in layout.indexes]
+    out = [f"CREATE TABLE {table} ({body}) PARTITION BY RANGE (create_date)", _key(final, table)]
+    out += [_index(final, table, col) for col in layout.indexes]
     out.append(f"CREATE TABLE {default_name(final)} PARTITION OF {table} DEFAULT")
     for month in months if months is not None else layout.months():
         out.append(f"CREATE TABLE {partition_name(final, month)} PARTITION OF {table} "
@@ -143,13 +147,27 @@ def create_statements(table: str, layout: Layout, *, named_for: str | None = Non
     return out
 
 
-# Unique index on exactly (message_id, create_date), without a predicate: the partitioned table's key.
+def _key(name: str, table: str) -> str:
+    return f"CREATE UNIQUE INDEX {name}_create_date_message_id_key ON {table} (create_date, message_id)"
+
+
+# Masked values are pseudorandom tokens: equality is the only meaningful lookup, which a hash index
+# serves at about half a btree's size. Other columns may be ranged or sorted on: btree.
+HASHED = ("masked_ip", "masked_device_id")
+
+
+def _index(name: str, table: str, col: str) -> str:
+    using = " USING hash" if col in HASHED else ""
+    return f"CREATE INDEX {name}_{col}_idx ON {table}{using} ({col})"
+
+
+# Unique index on exactly {message_id, create_date}, in either order, without a predicate: the partitioned table's key.
 _UNIQUE_KEY = (
     "SELECT count(*) > 0 FROM pg_index i WHERE i.indrelid = to_regclass(format('%I.%I', current_schema(), $1::text)) "
     "AND i.indisunique AND i.indpred IS NULL AND i.indnkeyatts = 2 AND (SELECT array_agg(a.attname::text ORDER BY a.attname) "
     "FROM pg_attribute a WHERE a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)) = ARRAY['create_date', 'message_id']"
 )
-# Columns that lead some index of the table: an index "on masked_ip" is there whatever its name.
+# Columns that lead some index of the table: an index "on masked_ip" is there whatever its name and kind.
 _LEADING = (
     "SELECT a.attname::text FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0] "
     "WHERE i.indrelid = to_regclass(format('%I.%I', current_schema(), $1::text))"
@@ -160,9 +178,9 @@ async def plan_partitioned(conn: asyncpg.Connection, table: str, layout: Layout)
     """What an existing partitioned ``table`` lacks: its key, its indexes, ``DEFAULT``, the months ahead."""
     out = []
     if not await conn.fetchval(_UNIQUE_KEY, table):
-        out.append(f"CREATE UNIQUE INDEX {table}_message_id_create_date_key ON {table} (message_id, create_date)")
-    leading = {r[0] for r in await conn.fetch(_LEADING, table)}
-    out += [f"CREATE INDEX {table}_{col}_idx ON {table} ({col})" for col in layout.indexes if col not in leading]
+        out.append(_key(table, table))
+    leading = {r[0] for r in await conn.fetch(_LEADING, table)}  # btree or hash: either serves the lookups
+    out += [_index(table, table, col) for col in layout.indexes if col not in leading]
     parts = await list_partitions(conn, table)
     default = next((p for p in parts if p.default), None)
     if default is None:
