@@ -158,7 +158,8 @@ class PostgresSettings(_Section):
     partitions_ahead: int = Field(2, ge=0, le=36, description=(
         "months created ahead of the current one (by `migrate`, `run` and its periodic maintenance)"))
     indexes: str = Field("masked_ip,masked_device_id", description=(
-        "comma-separated columns of a partitioned table that get a (partition-local) index, for analyst lookups; "
+        "comma-separated columns of a partitioned table that get a (partition-local) index, for analyst lookups: "
+        "hash on the masked columns (tokens are pseudorandom: equality is the only lookup), btree on others; "
         "add user_id to make `erase` an index lookup; empty = none"))
     retention_days: int | None = Field(None, ge=1, description=(
         "keep this many days of rows: `run` applies `retention` periodically (drops whole old partitions, "
