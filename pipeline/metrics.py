@@ -33,6 +33,8 @@ class StatsCollector(Collector):
             ("pipeline_messages_received", s.received, "Messages received from SQS (redeliveries included)."),
             ("pipeline_rows_inserted", s.inserted, "Rows committed to PostgreSQL."),
             ("pipeline_duplicates", s.duplicates, "Messages whose row was already in the table (redeliveries)."),
+            ("pipeline_copy_conflicts", s.copy_conflicts,
+             "Direct COPY batches that met a stored key and were written again through the staged upsert."),
             ("pipeline_messages_acked", s.acked, "Messages deleted from SQS."),
             ("pipeline_ack_failures", s.ack_failures, "Failed delete entries (the message comes back and is deduplicated)."),
             ("pipeline_messages_released", s.released, "Held messages made visible again on shutdown."),

@@ -105,7 +105,7 @@ async def run(
             envelope=s.envelope, max_decoded_bytes=p.max_decoded_bytes, max_events=p.max_events_per_message))
         sink = rt.sink = CopySink(
             pool, table, rows, acks, stats, batch_size=p.batch_size, batch_timeout=p.batch_timeout,
-            concurrency=p.write_concurrency,
+            concurrency=p.write_concurrency, write_method=settings.postgres.write_method,
         )
         acker = rt.acker = Acker(client, s.queue_url, s.dlq_url, acks, leases, stats, _limiter(s, "delete"))
         acker.limit.follows = source.limit  # acks keep up with receives: deletes may grow to the receive limit

@@ -14,7 +14,7 @@ from .stats import Stats
 
 __all__ = [
     "db_write_failed", "row_left_for_redelivery", "row_rejected_by_database", "sqs_call_failed", "dead_lettered", "dead_letter_refused", "dead_letters_given_up", "delete_failed_for_good",
-    "concurrency_changed",
+    "concurrency_changed", "copy_met_stored_key",
 ]
 
 _sqs = logging.getLogger("pipeline.sqs")
@@ -83,3 +83,8 @@ def row_left_for_redelivery(stats: Stats, sqlstate: str, exc: BaseException, mes
 def row_rejected_by_database(sqlstate: str, message_id: str) -> None:
     """Counted as a dead letter once the DLQ takes it (``dead_lettered``)."""
     _sink.warning("database rejected a row", extra={"sqlstate": sqlstate, "message_id": message_id})
+
+
+def copy_met_stored_key(stats: Stats) -> None:
+    stats.copy_conflicts += 1
+    _sink.debug("a direct COPY met a stored key; writing through the staged upsert for a while")

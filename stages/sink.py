@@ -1,8 +1,18 @@
 """COPY sink: batches rows, upserts them idempotently, then hands the messages to the acker.
 
-Each batch is one transaction: COPY into a per-connection temporary staging table, then
-``INSERT … SELECT … ON CONFLICT DO NOTHING`` (the table's unique key). A redelivered message therefore
-never makes a second row, and a message is acked only after its row is committed.
+Each batch is one transaction, written one of two ways (``write_method``):
+
+- ``upsert``: COPY into a per-connection temporary staging table, then ``INSERT … SELECT …
+  ON CONFLICT DO NOTHING`` (the table's unique key). A redelivered message never makes a
+  second row.
+- ``auto`` (the default): COPY straight into the table, which costs the database about a
+  third less per row than the staged upsert (no second copy of the rows, no INSERT executor),
+  and is right whenever the batch holds no row already stored, which is almost always: a
+  duplicate is a redelivery, a redrive or SQS's at-least-once. A batch that does meet a stored
+  key fails as a whole on the unique index and is written again through the staged upsert,
+  and so are the next ``UPSERT_AFTER_CONFLICT`` batches, since redeliveries come in runs (after
+  a crash or a visibility timeout). Either way the row key is enforced by the index, never by
+  this process, and a message is acked only after its row is committed.
 
 A row the database rejects (data or constraint errors, SQLSTATE classes 22 and 23) must not
 sink its batch: the batch is bisected until the bad rows are isolated, those are
@@ -30,9 +40,11 @@ from .pgerrors import PgFault, classify, sqlstate
 from .stats import Stats
 from .transform import COLUMNS
 
-__all__ = ["CopySink", "STAGE_TABLE", "create_stage_table", "upsert_sql"]
+__all__ = ["CopySink", "STAGE_TABLE", "UPSERT_AFTER_CONFLICT", "WRITE_METHODS", "create_stage_table", "upsert_sql"]
 
 STAGE_TABLE = "pipeline_stage"
+WRITE_METHODS = ("auto", "upsert")
+UPSERT_AFTER_CONFLICT = 64  # batches written through the staged upsert after one met a stored key
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -61,13 +73,18 @@ async def create_stage_table(conn: asyncpg.Connection, table: str) -> None:
 class CopySink:
     def __init__(
         self, pool: asyncpg.Pool, table: str, inbox: asyncio.Queue, acker: asyncio.Queue, stats: Stats, *,
-        batch_size: int, batch_timeout: float, concurrency: int = 2,
+        batch_size: int, batch_timeout: float, concurrency: int = 2, write_method: str = "auto",
     ) -> None:
+        if write_method not in WRITE_METHODS:
+            raise ValueError(f"write_method must be one of {WRITE_METHODS}, not {write_method!r}")
         self.pool, self.table, self.inbox, self.acker, self.stats = pool, table, inbox, acker, stats
         self.batch_size, self.batch_timeout = batch_size, batch_timeout
         self.concurrency = max(1, concurrency)  # batch transactions at once (each holds a pool connection)
         self.healthy = True
         self._insert = upsert_sql(table)
+        self._copy_to = table.lower()  # COPY quotes its table name; the SQL above folds an unquoted one
+        # Batches still to go through the staged upsert; "upsert" never leaves it.
+        self._upsert_next = -1 if write_method == "upsert" else 0
 
     async def run(self) -> None:
         """Batch rows by size or age; up to ``concurrency`` batches commit at once while the next one fills.
@@ -185,7 +202,18 @@ class CopySink:
         return n1 + n2, bad1 + bad2, later1 + later2
 
     async def _write(self, rows: list[tuple]) -> int:
+        """Rows inserted: a direct COPY while batches meet no stored key, else the staged upsert."""
         async with self.pool.acquire(timeout=30) as conn:
+            if self._upsert_next == 0:
+                try:
+                    async with conn.transaction():
+                        await conn.copy_records_to_table(self._copy_to, records=rows, columns=COLUMNS)
+                    return len(rows)
+                except asyncpg.UniqueViolationError:  # a stored key: this batch, and the next ones, upsert
+                    self._upsert_next = UPSERT_AFTER_CONFLICT
+                    events.copy_met_stored_key(self.stats)
+            elif self._upsert_next > 0:
+                self._upsert_next -= 1
             async with conn.transaction():
                 await conn.copy_records_to_table(STAGE_TABLE, records=rows, columns=COLUMNS, schema_name="pg_temp")
                 status = await conn.execute(self._insert)

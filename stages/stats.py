@@ -56,6 +56,7 @@ class Stats:
     received: int = 0
     inserted: int = 0
     duplicates: int = 0
+    copy_conflicts: int = 0  # direct COPY batches that met a stored key and were written again as upserts
     rejected: int = 0  # dead-lettered: validation, database or poison
     acked: int = 0
     ack_failures: int = 0
@@ -83,15 +84,23 @@ class Stats:
         self.batch_sizes.observe(len(msgs))
         now_ms = time.time() * 1000
         bounds, counts = self.latency.bounds, self.latency.counts
-        total = 0.0
+        total = seconds = 0.0
+        last: dict | None = None
+        bucket = -1
         for m in msgs:
             if type(m) is not dict:
-                m = m.msg
-            sent = (m.get("Attributes") or _NO_ATTRS).get("SentTimestamp")
-            if sent is None:
+                m = m.msg  # the events of one message come in a run and share its SentTimestamp
+            if m is not last:
+                last = m
+                sent = (m.get("Attributes") or _NO_ATTRS).get("SentTimestamp")
+                if sent is None:
+                    bucket = -1
+                    continue
+                seconds = max(0.0, now_ms - int(sent)) / 1000
+                bucket = bisect_left(bounds, seconds)
+            elif bucket < 0:
                 continue
-            seconds = max(0.0, now_ms - int(sent)) / 1000
-            counts[bisect_left(bounds, seconds)] += 1
+            counts[bucket] += 1
             total += seconds
         self.latency.sum += total
 

@@ -11,7 +11,7 @@ from pipeline.metrics import Stats
 from pipeline.schema import migrate
 from stages.masking import Masker, generate_key
 from stages.acker import Committed, DeadLetter, Redeliver
-from stages.sink import CopySink, create_stage_table
+from stages.sink import UPSERT_AFTER_CONFLICT, CopySink, create_stage_table
 from stages.transform import to_row
 from tests.helpers import wait_until
 from pipeline.sample import sample_bodies
@@ -37,11 +37,13 @@ async def pool(pg_dsn: str):  # type: ignore[no-untyped-def]
     await p.close()
 
 
-def make_sink(pool: asyncpg.Pool, batch_size: int = 100) -> tuple[CopySink, asyncio.Queue, asyncio.Queue, Stats]:
+def make_sink(pool: asyncpg.Pool, batch_size: int = 100, write_method: str = "auto",
+              ) -> tuple[CopySink, asyncio.Queue, asyncio.Queue, Stats]:
     inbox: asyncio.Queue = asyncio.Queue(10)
     acks: asyncio.Queue = asyncio.Queue()
     stats = Stats()
-    return CopySink(pool, "user_logins", inbox, acks, stats, batch_size=batch_size, batch_timeout=0.1), inbox, acks, stats
+    return (CopySink(pool, "user_logins", inbox, acks, stats, batch_size=batch_size, batch_timeout=0.1,
+                     write_method=write_method), inbox, acks, stats)
 
 
 def acked(acks: asyncio.Queue) -> tuple[list[dict], list[tuple]]:
@@ -86,9 +88,44 @@ async def test_redelivered_messages_make_no_second_row(pool: asyncpg.Pool) -> No
     assert await pool.fetchval("SELECT count(*) FROM user_logins") == 20
 
 
-async def test_rows_the_database_rejects_are_isolated(pool: asyncpg.Pool) -> None:
-    await pool.execute("ALTER TABLE user_logins ADD CONSTRAINT no_symbian CHECK (device_type <> 'symbian')")
+async def test_direct_copy_until_a_batch_meets_a_stored_key(pool: asyncpg.Pool) -> None:
     sink, _, acks, stats = make_sink(pool)
+    rows, msgs = messages(30)
+    # CASE: fresh rows -> written by a direct COPY, no conflict counted
+    await sink.flush(rows[:10], msgs[:10])
+    assert stats.inserted == 10 and stats.copy_conflicts == 0
+    # CASE: a batch with one stored key (a redelivery) -> the COPY fails as a whole, the batch is
+    # written again as an upsert: its fresh rows stored, the stored one counted as a duplicate
+    await sink.flush(rows[9:20], msgs[9:20])
+    assert (stats.inserted, stats.duplicates, stats.copy_conflicts) == (20, 1, 1)
+    # CASE: the next batches go through the upsert (a redelivery run), then back to COPY
+    for i in range(UPSERT_AFTER_CONFLICT):
+        await sink.flush(rows[20 + i % 10: 21 + i % 10], msgs[20 + i % 10: 21 + i % 10])
+    assert stats.copy_conflicts == 1 and stats.inserted == 30 and stats.duplicates == 1 + UPSERT_AFTER_CONFLICT - 10
+    await sink.flush(rows[:1], msgs[:1])
+    assert stats.copy_conflicts == 2  # back to a direct COPY, which met the stored key again
+    # CASE: one key twice in one fresh batch -> one row, one duplicate
+    more, more_msgs = messages(3, offset=100)
+    sink._upsert_next = 0
+    await sink.flush(more + more[:1], more_msgs + more_msgs[:1])
+    assert stats.copy_conflicts == 3 and await pool.fetchval("SELECT count(*) FROM user_logins") == 33
+    ok, dead = acked(acks)
+    assert not dead and len(ok) == 10 + 11 + UPSERT_AFTER_CONFLICT + 1 + 4
+
+
+async def test_upsert_method_never_copies_into_the_table(pool: asyncpg.Pool) -> None:
+    # CASE: write_method="upsert" -> duplicates are skipped by ON CONFLICT, no COPY ever fails on the key
+    sink, _, _, stats = make_sink(pool, write_method="upsert")
+    rows, msgs = messages(10)
+    await sink.flush(rows, msgs)
+    await sink.flush(rows, msgs)
+    assert (stats.inserted, stats.duplicates, stats.copy_conflicts) == (10, 10, 0)
+
+
+@pytest.mark.parametrize("write_method", ["auto", "upsert"])
+async def test_rows_the_database_rejects_are_isolated(pool: asyncpg.Pool, write_method: str) -> None:
+    await pool.execute("ALTER TABLE user_logins ADD CONSTRAINT no_symbian CHECK (device_type <> 'symbian')")
+    sink, _, acks, stats = make_sink(pool, write_method=write_method)
     rows, msgs = messages(50)
     bad = {7, 31}
     for i in bad:

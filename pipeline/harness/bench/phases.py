@@ -168,7 +168,7 @@ async def _phase_core(settings: Settings, bodies: list[str]) -> dict:
         meter = Meter(counter=lambda: stats.inserted)
         transformer = Transformer(raw, out, acks, masker, stats, settings.sqs.max_receive_count)
         sink = CopySink(pool, table, out, acks, stats, batch_size=p.batch_size, batch_timeout=p.batch_timeout,
-                        concurrency=p.write_concurrency)
+                        concurrency=p.write_concurrency, write_method=settings.postgres.write_method)
 
         async def feed() -> None:
             meter.working()
