@@ -89,7 +89,7 @@ def test_bench_writes_a_well_formed_report_and_cleans_up(queues, pg_dsn: str, tm
     assert report["config"]["rtt_ms"] == 10 and [r["pollers"] for r in report["ceiling_search"]] == [4, 8]
     assert report["config"]["ceiling_pollers"] in (4, 8)
     assert report["series"]["pipeline"]["concurrency"]  # the adaptive limits over time, for the chart
-    assert set(report["phases"]) == {"broker", "pipeline", "core", "raw_copy", "latency", "batched"}
+    assert set(report["phases"]) == {"broker", "pipeline", "core", "raw_copy", "raw_direct_copy", "latency", "batched"}
     assert report["phases"]["batched"]["messages"] == 3000  # (d) counts events: 30 messages of 100
     for name, phase in report["phases"].items():
         assert PHASE_KEYS <= phase.keys(), name

@@ -105,6 +105,7 @@ async def bench(settings: Settings, opts: BenchOptions) -> dict:
                 core = await Child("_phase_core", cfg, sample_bodies(opts.count, opts.seed)).result()
                 phases.setdefault("core", []).append(core["core"])
                 phases.setdefault("raw_copy", []).append(core["raw_copy"])
+                phases.setdefault("raw_direct_copy", []).append(core["raw_direct_copy"])
                 await drop_table(cfg.postgres.dsn.get_secret_value(), cfg.postgres.table)
             if opts.latency:
                 phases["latency"] = [await _latency_run(far, best(phases["pipeline"])["rate_per_s"] / 2, opts)]

@@ -23,7 +23,8 @@ def chart(report: dict, phases: dict[str, list[dict]], path: Path) -> Path | Non
         return None
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
     labels = {"broker": "(a) broker: receive+delete", "pipeline": "(b) pipeline end to end",
-              "core": "(c) core, no SQS", "raw_copy": "raw COPY-with-upsert", "latency": "pipeline at half rate",
+              "core": "(c) core, no SQS", "raw_copy": "raw COPY-with-upsert", "raw_direct_copy": "raw COPY, no upsert",
+              "latency": "pipeline at half rate",
               "memory": "pipeline draining the backlog"}
     for name, series in report["series"].items():
         pts = series["throughput"]
