@@ -21,6 +21,11 @@ def test_bench_table_reports_every_variant_and_cleans_up(queues, pg_dsn: str, tm
                                      "partitioned_month_full_no_indexes@3000", "partitioned_no_indexes@0",
                                      "unpartitioned@0", "unpartitioned@3000"}
     assert all(r["rows"] == 2 * 2000 and r["rows_per_s"] > 0 for r in report["ingest"].values())
+    # Steady state measured after a warm-up round; the warm-up (right after a checkpoint) reported too.
+    assert all(r["after_checkpoint"]["rows_per_s"] > 0 and r["after_checkpoint"]["wal_bytes_per_row"] >= 0
+               for r in report["ingest"].values())
+    assert "partitioned_month_full_vs_empty_after_checkpoint" in line["ratios"]
+    assert "ingest_month_end_ge_0.9_empty" in line["met"]
     assert report["retention"]["rows_deleted"] == 2000 and report["retention"]["partitions_dropped"]
     assert set(line["ratios"]) >= {"partitioned_full_vs_empty", "indexes_cost_empty"} and set(line["met"])
     assert fetch(pg_dsn, "SELECT count(*) FROM pg_class WHERE relname LIKE 'bench_tbl%'")[0][0] == 0
