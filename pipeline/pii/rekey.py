@@ -161,7 +161,7 @@ async def rekey(
         by_date = await conn.fetchval(_DATE_KEY, table)
         bar = _Progress(plan["pending"], progress_interval)
         try:
-            for phase in ("date" if by_date else "message_id", "ctid"):
+            for phase in ("date", "message_id", "ctid") if by_date else ("message_id", "ctid"):
                 last: Any = None
                 while True:
                     if max_batches is not None and batches >= max_batches:
@@ -219,10 +219,12 @@ async def _batch(
 ) -> tuple[int, Any, dict[str, Counter[str]]]:
     """One transaction: lock the next ``size`` rows that need it, re-mask, update.
 
-    Phases: ``date`` (keyset on ``(create_date, message_id)``) or ``message_id`` (keyset on it),
-    then ``ctid`` for the rows the key cannot page: no ``message_id`` (or, keyed by date, no
-    ``create_date``), which the WHERE alone makes progress through.
+    Phases: ``date`` (keyset on ``(create_date, message_id)``, tables keyed that way), then
+    ``message_id`` (keyset on it; on a date-keyed table only the rows without a ``create_date``,
+    still an index range of its key), then ``ctid`` for the rows without a ``message_id``, which
+    the WHERE alone makes progress through.
     """
+    undated = " AND create_date IS NULL" if by_date else ""
     counts: dict[str, Counter[str]] = defaultdict(Counter)
 
     def remask(value: str | None, col: str, where: str) -> str | None:
@@ -244,15 +246,14 @@ async def _batch(
         elif phase == "message_id":
             rows = await conn.fetch(
                 f"SELECT message_id AS id, {cols} FROM {table} "
-                f"WHERE message_id > $3 AND ({_NEEDS}) ORDER BY message_id LIMIT $4 FOR UPDATE",
+                f"WHERE message_id > $3{undated} AND ({_NEEDS}) ORDER BY message_id LIMIT $4 FOR UPDATE",
                 TOKEN_SQL, prefix, last or "", size,
             )
         else:  # rows without a message id that hold tokens anyway (rare: written by hand)
             # ctid is unique only within one heap: on a partitioned table the partition (tableoid) is part of it.
-            unkeyed = "(message_id IS NULL OR create_date IS NULL)" if by_date else "message_id IS NULL"
             rows = await conn.fetch(
                 f"SELECT tableoid::oid AS part, ctid AS id, {cols} FROM {table} "
-                f"WHERE {unkeyed} AND ({_NEEDS}) LIMIT $3 FOR UPDATE",
+                f"WHERE message_id IS NULL AND ({_NEEDS}) LIMIT $3 FOR UPDATE",
                 TOKEN_SQL, prefix, size,
             )
         if not rows:
@@ -270,7 +271,8 @@ async def _batch(
             last = (rows[-1]["day"], rows[-1]["id"])
         elif phase == "message_id":
             await conn.execute(
-                update + "FROM unnest($1::text[], $2::text[], $3::text[]) AS v(id, ip, dev) WHERE t.message_id = v.id",
+                update + "FROM unnest($1::text[], $2::text[], $3::text[]) AS v(id, ip, dev) WHERE t.message_id = v.id"
+                + (" AND t.create_date IS NULL" if by_date else ""),
                 ids, ips, devs,
             )
             last = rows[-1]["id"]

@@ -27,10 +27,11 @@ async def conn(pg_dsn: str):  # type: ignore[no-untyped-def]
 
 
 async def seed(conn: asyncpg.Connection) -> None:
-    """Rows in two months and in DEFAULT, one without a message id, one legacy (not a token)."""
+    """Rows in two months and in DEFAULT, one without a message id, one without a date, one legacy (not a token)."""
     rows = [(f"u{i}", OLD.mask(f"10.0.0.{i}"), OLD.mask(f"dev-{i}"), day, f"m{i:02d}")
             for i, day in enumerate([NOV] * 7 + [DEC] * 6 + [dt.date(2019, 1, 1)])]
     rows += [("hand", OLD.mask("10.9.9.9"), OLD.mask("dev-hand"), NOV, None),
+             ("u50", OLD.mask("10.0.0.50"), OLD.mask("dev-50"), None, "m50"),
              ("legacy", "a" * 64, "b" * 64, DEC, "m99")]
     await conn.executemany("INSERT INTO user_logins (user_id, masked_ip, masked_device_id, create_date, message_id) "
                            "VALUES ($1, $2, $3, $4, $5)", rows)
@@ -48,14 +49,14 @@ async def test_rekey_pages_a_date_keyed_partitioned_table_across_months_and_resu
     assert await conn.fetchval(_DATE_KEY, "user_logins")  # a new table is keyed (create_date, message_id)
     await seed(conn)
     first = await rekey(conn, "user_logins", NEW, batch_size=4, max_batches=2)
-    assert first["rows_pending_at_start"] == 15 and first["rows_updated"] == 8 and not first["complete"]
-    assert first["rows_remaining"] == 7 and first["rows_skipped_not_tokens"] == 1
+    assert first["rows_pending_at_start"] == 16 and first["rows_updated"] == 8 and not first["complete"]
+    assert first["rows_remaining"] == 8 and first["rows_skipped_not_tokens"] == 1
     # Key order across partitions: DEFAULT's 2019 row, then November's 7; December's wait.
     done = {r[0] for r in await conn.fetch("SELECT message_id FROM user_logins WHERE masked_ip LIKE 'k2.%'")}
     assert done == {"m13"} | {f"m{i:02d}" for i in range(7)}
     second = await rekey(conn, "user_logins", NEW, batch_size=4)
-    assert second["rows_updated"] == 7 and second["complete"]  # December's 6 by the key, 1 by ctid
-    assert second["values_rekeyed"] == {"k1": {"masked_ip": 7, "masked_device_id": 7}}
+    assert second["rows_updated"] == 8 and second["complete"]  # December's 6 by the key, the undated by id, 1 by ctid
+    assert second["batches"] == 4 and second["values_rekeyed"] == {"k1": {"masked_ip": 8, "masked_device_id": 8}}
     await check_all_on_k2(conn)
     assert (await rekey(conn, "user_logins", NEW))["rows_updated"] == 0  # idempotent
 
@@ -66,7 +67,7 @@ async def test_rekey_pages_by_message_id_on_a_table_of_the_previous_layout(conn:
     assert not await conn.fetchval(_DATE_KEY, "user_logins")
     await seed(conn)
     report = await rekey(conn, "user_logins", NEW, batch_size=4)
-    assert report["rows_updated"] == 15 and report["complete"]
+    assert report["rows_updated"] == 16 and report["complete"]
     await check_all_on_k2(conn)
 
 
