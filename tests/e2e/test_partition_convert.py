@@ -66,6 +66,15 @@ async def test_online_conversion_loses_and_duplicates_nothing_while_a_pipeline_w
             ids += await asyncio.to_thread(send_bodies, queues.client, queues.queue_url, [next(bodies) for _ in range(20)])
         assert rounds > 5 and result["resumed"] and result["rows_copied"] >= LEGACY, result
         assert await relkind(conn, "user_logins") == "p"
+        defs = {r[0]: r[1] for r in await conn.fetch(
+            "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'user_logins'")}
+        assert defs == {  # the new layout, already named for the table it became
+            "user_logins_create_date_message_id_key": "CREATE UNIQUE INDEX user_logins_create_date_message_id_key ON "
+                                                      "ONLY public.user_logins USING btree (create_date, message_id)",
+            "user_logins_masked_ip_idx": "CREATE INDEX user_logins_masked_ip_idx ON ONLY public.user_logins "
+                                         "USING hash (masked_ip)",
+            "user_logins_masked_device_id_idx": "CREATE INDEX user_logins_masked_device_id_idx ON ONLY "
+                                                "public.user_logins USING hash (masked_device_id)"}, defs
         ids += await asyncio.to_thread(send_bodies, queues.client, queues.queue_url, [next(bodies) for _ in range(50)])
 
         async def stored() -> int:
