@@ -29,6 +29,7 @@ from stages.leases import Heartbeat, Leases, release
 from stages.sink import CopySink, create_stage_table
 from stages.source import SqsSource
 from stages.sqs import classify
+from stages.offload import TransformPool, default_workers
 from stages.transform import Decoding, Transformer
 
 from stages.stats import Stats
@@ -101,8 +102,10 @@ async def run(
             client, s.queue_url, raw, leases, stats,
             receivers=_limiter(s, "receive"), wait_time_seconds=s.wait_time_seconds, visibility_timeout=s.visibility_timeout,
         )
-        transformer = Transformer(raw, rows, acks, masker, stats, s.max_receive_count, leases=leases, decoding=Decoding(
-            envelope=s.envelope, max_decoded_bytes=p.max_decoded_bytes, max_events=p.max_events_per_message))
+        how = Decoding(envelope=s.envelope, max_decoded_bytes=p.max_decoded_bytes, max_events=p.max_events_per_message)
+        workers = p.transform_workers if p.transform_workers != "auto" else default_workers(p.processes)
+        transformer = Transformer(raw, rows, acks, masker, stats, s.max_receive_count, leases=leases, decoding=how,
+                                  workers=TransformPool(workers, masker, how) if workers else None)
         sink = rt.sink = CopySink(
             pool, table, rows, acks, stats, batch_size=p.batch_size, batch_timeout=p.batch_timeout,
             concurrency=p.write_concurrency, write_method=settings.postgres.write_method,

@@ -262,9 +262,23 @@ class PipelineSettings(_Section):
         "1,000; `sqs.max_in_flight` counts messages)"))
     max_in_flight_bytes: int = Field(128 * 2**20, ge=2**20, description=(
         "receiving pauses while the held messages' bodies and decompressed payloads reach this many bytes"))
+    transform_workers: int | Literal["auto"] = Field("auto", description=(
+        "processes that decode, validate and mask messages of 4 KiB and more (batches of events) beside each "
+        "pipeline process, so its event loop keeps to I/O; `auto`: one per CPU left after the `processes` event "
+        "loops (1 on two cores), 0 = all inline"))
     processes: int = Field(1, ge=1, le=64, description=(
         "worker processes `run` starts on the same queue (one core each); a dead worker is replaced with backoff "
         "(or the run fails past a restart budget); worker `i` serves HTTP on `http.port + i`"))
+
+    @field_validator("transform_workers", mode="before")
+    @classmethod
+    def _workers(cls, v: Any) -> int | str:
+        text = str(v).strip().lower()
+        if text == "auto":
+            return text
+        if isinstance(v, bool) or not text.isdigit() or int(text) > 64:
+            raise ValueError(f"{v!r} is neither `auto` nor a number from 0 to 64")
+        return int(text)
 
 
 class HttpSettings(_Section):

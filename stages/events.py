@@ -14,13 +14,14 @@ from .stats import Stats
 
 __all__ = [
     "db_write_failed", "row_left_for_redelivery", "row_rejected_by_database", "sqs_call_failed", "dead_lettered", "dead_letter_refused", "dead_letters_given_up", "delete_failed_for_good",
-    "concurrency_changed", "copy_met_stored_key",
+    "concurrency_changed", "copy_met_stored_key", "transform_workers_failed",
 ]
 
 _sqs = logging.getLogger("pipeline.sqs")
 _sink = logging.getLogger("pipeline.sink")
 _acker = logging.getLogger("pipeline.acker")
 _concurrency = logging.getLogger("pipeline.concurrency")
+_transform = logging.getLogger("pipeline.transform")
 
 
 def sqs_call_failed(stats: Stats, op: str, exc: BaseException, fault: Fault, **extra: object) -> None:
@@ -88,3 +89,9 @@ def row_rejected_by_database(sqlstate: str, message_id: str) -> None:
 def copy_met_stored_key(stats: Stats) -> None:
     stats.copy_conflicts += 1
     _sink.debug("a direct COPY met a stored key; writing through the staged upsert for a while")
+
+
+def transform_workers_failed(stats: Stats) -> None:
+    stats.errors["transform_workers"] += 1
+    _transform.error("a transform worker process died; this batch is transformed in the pipeline's own process "
+                     "and a new worker pool starts with the next")

@@ -93,7 +93,7 @@ class Masker:
     whoever holds the ring can authenticate redriven identities without a second key to manage.
     """
 
-    __slots__ = ("active", "_prefix", "_encrypt", "_ciphers", "origin_auth", "_memo")
+    __slots__ = ("active", "_prefix", "_encrypt", "_ciphers", "origin_auth", "_memo", "_active_key")
 
     def __init__(self, keys: list[MaskingKey], active: str | None = None) -> None:
         if not keys:
@@ -106,8 +106,13 @@ class Masker:
             raise KeyError_(f"active masking key id {self.active!r} is not in the key ring")
         self._prefix = self.active + "."
         self._encrypt = self._ciphers[self.active].encrypt
+        self._active_key = next(k for k in keys if k.key_id == self.active)
         self.origin_auth = OriginAuth(keys, self.active)
         self._memo: dict[str, str] = {}
+
+    def active_key(self) -> MaskingKey:
+        """The active key alone: all a transform worker needs (it masks; it never unmasks nor authenticates)."""
+        return self._active_key
 
     @property
     def key_ids(self) -> list[str]:

@@ -18,6 +18,7 @@ from typing import Iterable, Union
 
 import orjson
 
+from .decode import BadEvent, Decoding, decode
 from .message import origin
 
 __all__ = ["Part", "Group", "Item", "source_of", "body_of", "key_of", "event_index", "log_id", "settle"]
@@ -26,22 +27,24 @@ __all__ = ["Part", "Group", "Item", "source_of", "body_of", "key_of", "event_ind
 class Group:
     """The countdown of one split message: parts not yet resolved, and whether one must come back."""
 
-    __slots__ = ("msg", "left", "keep")
+    __slots__ = ("msg", "left", "keep", "decoding")
 
-    def __init__(self, msg: dict, parts: int) -> None:
+    def __init__(self, msg: dict, parts: int, decoding: tuple[Decoding, bool] | None = None) -> None:
         self.msg, self.left, self.keep = msg, parts, False
+        self.decoding = decoding  # (how, redriven): how to find an event of it again (``body_of``)
 
 
 class Part:
     """Event ``index`` of ``group.msg``; ``key`` is its row key (``<message id>:<index>``).
 
-    ``event`` is the decoded event (its JSON is rebuilt only if it is dead-lettered) or, for
-    an event that never parsed, its text.
+    ``event`` is the event's text for a bad event (the body of its dead letter), and ``None``
+    for a stored one: its JSON is needed only if the database refuses its row, which is rare, so
+    it is found again then by decoding the message once more (decoding is deterministic).
     """
 
     __slots__ = ("group", "index", "key", "event")
 
-    def __init__(self, group: Group, index: int, key: str, event: dict | str) -> None:
+    def __init__(self, group: Group, index: int, key: str, event: str | None) -> None:
         self.group, self.index, self.key, self.event = group, index, key, event
 
     @property
@@ -65,7 +68,13 @@ def body_of(item: Item) -> str:
     if type(item) is dict:
         return item["Body"]  # type: ignore[index]
     event = item.event  # type: ignore[union-attr]
-    return event if isinstance(event, str) else orjson.dumps(event).decode()
+    if event is not None:
+        return event
+    group = item.group  # type: ignore[union-attr]
+    how, redriven = group.decoding
+    events, _ = decode(group.msg["Body"], group.msg.get("MessageAttributes"), how, redriven=redriven)
+    event = events[item.index]  # type: ignore[union-attr]
+    return event.text if type(event) is BadEvent else orjson.dumps(event).decode()
 
 
 def key_of(item: Item) -> str:

@@ -8,13 +8,16 @@ the acker's dead-letter path with a specific reason.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
+from concurrent.futures.process import BrokenProcessPool
 import datetime as dt
 import logging
 import re
-from typing import Any
+from typing import Any, NamedTuple, assert_never
 
 import orjson
 
+from . import events
 from .acker import DeadLetter
 from .addresses import normalise_ip
 from .decode import BadEvent, Decoding, Rejected, decode, has_nul, json_type, parse_error
@@ -163,6 +166,59 @@ def _checked_row(event: dict, message_id: str, sent_ms: int, masker: Masker) -> 
     )
 
 
+class One(NamedTuple):
+    """A message of one event: its row, keyed by the message id as always."""
+
+    row: tuple
+    decoded: int
+
+
+class Many(NamedTuple):
+    """A message of ``n`` events: rows keyed ``<message id>:<i>`` for the events at ``indexes``, and
+    the bad events as ``(index, text, rule, reason)``."""
+
+    n: int
+    decoded: int
+    rows: list
+    indexes: list
+    bad: list
+
+
+class Reject(NamedTuple):
+    """The whole message is dead-lettered: undecodable, over a cap, or its one event is bad."""
+
+    rule: str
+    reason: str
+
+
+def transform_message(body: str | bytes, attributes: Any, key: str, sent: int, redriven: bool,
+                      masker: Masker, how: Decoding) -> One | Many | Reject:
+    """What one message becomes, as plain data: the same inline and in a transform worker."""
+    try:
+        events, decoded = decode(body, attributes, how, redriven=redriven)
+        if len(events) == 1:
+            event = events[0]
+            if type(event) is BadEvent:
+                return Reject(event.rule, event.reason)
+            return One(event_row(event, key, sent, masker), decoded)
+    except Rejected as exc:
+        return Reject(exc.rule, exc.reason)
+    rows: list[tuple] = []
+    indexes: list[int] = []
+    bad: list[tuple[int, str, str, str]] = []
+    for i, event in enumerate(events):
+        if type(event) is BadEvent:
+            bad.append((i, event.text, event.rule, event.reason))
+            continue
+        try:
+            rows.append(event_row(event, f"{key}:{i}", sent, masker))
+        except Rejected as exc:
+            bad.append((i, orjson.dumps(event).decode(), exc.rule, exc.reason))
+            continue
+        indexes.append(i)
+    return Many(len(events), decoded, rows, indexes, bad)
+
+
 class Transformer:
     """Turns receive batches into (rows, items) pairs for the sink.
 
@@ -196,8 +252,10 @@ class Transformer:
         *,
         decoding: Decoding = Decoding(),
         leases: Any = None,
+        workers: Any = None,
     ) -> None:
         self.inbox, self.sink, self.acker = inbox, sink, acker
+        self.workers = workers  # a ``stages.offload.TransformPool``: big messages transformed in other processes
         self.masker = masker
         self.stats = stats
         self.max_receive_count = max_receive_count
@@ -205,62 +263,104 @@ class Transformer:
         self.leases = leases
 
     async def run(self) -> None:
-        inbox_get, sink_put, masker, max_rc = self.inbox.get, self.sink.put, self.masker, self.max_receive_count
-        auth, how, weigh = masker.origin_auth, self.decoding, self.leases.weigh if self.leases is not None else None
-        while True:
-            batch = await inbox_get()
-            if batch is None:
-                await sink_put(None)
-                return
-            rows: list[tuple] = []
-            items: list = []
-            dead: list[tuple[Any, str, str]] = []
-            for msg in batch:
-                attrs = msg.get("Attributes") or {}
-                try:
-                    redriven = has_origin(msg)
-                    if redriven:
-                        problem = auth.problem(msg)
-                        if problem is not None:
-                            strip_origin(msg)
-                            log.warning("origin attributes not authenticated", extra={"rule": UNAUTHENTICATED,
-                                                                                      "reason": problem})
-                            raise Rejected(UNAUTHENTICATED, problem)
-                    if int(attrs.get("ApproximateReceiveCount", 1)) > max_rc:
-                        raise Rejected(
-                            "poison",
-                            f"poison: received {attrs['ApproximateReceiveCount']} times without being stored",
-                        )
-                    # authenticated: keep the original's id and date
-                    mid, sent = origin(msg) if redriven else (msg["MessageId"], int(attrs.get("SentTimestamp", 0)))
-                    events, decoded = decode(msg["Body"], msg.get("MessageAttributes"), how, redriven=redriven)
-                    if len(events) == 1:  # one event: the message is the item, keyed as it always was
-                        event = events[0]
-                        if type(event) is BadEvent:
-                            raise Rejected(event.rule, event.reason)
-                        rows.append(event_row(event, mid, sent, masker))
-                        items.append(msg)
-                        if decoded and weigh is not None:
-                            weigh(msg["ReceiptHandle"], 1, decoded)
-                        continue
-                except Rejected as exc:
-                    dead.append((msg, exc.rule, exc.reason))
+        """Batches in order; with transform workers, a few batches are under way at once to keep them busy."""
+        depth = 4 * self.workers.workers if self.workers is not None else 1
+        under_way: deque[tuple[list, Any]] = deque()
+        try:
+            while True:
+                if under_way and (len(under_way) >= depth or self.inbox.empty()):
+                    await self._finish(*under_way.popleft())
                     continue
-                if weigh is not None:
-                    weigh(msg["ReceiptHandle"], len(events), decoded)
-                group = Group(msg, len(events))
-                for i, event in enumerate(events):
-                    if type(event) is BadEvent:
-                        dead.append((Part(group, i, f"{mid}:{i}", event.text), event.rule, event.reason))
-                        continue
-                    part = Part(group, i, f"{mid}:{i}", event)
-                    try:
-                        rows.append(event_row(event, part.key, sent, masker))
-                    except Rejected as exc:
-                        dead.append((part, exc.rule, exc.reason))
-                        continue
-                    items.append(part)
-            if dead:
-                await self.acker.put(DeadLetter(dead))
-            if rows:
-                await sink_put((rows, items))
+                batch = await self.inbox.get()
+                if batch is None:
+                    while under_way:
+                        await self._finish(*under_way.popleft())
+                    await self.sink.put(None)
+                    return
+                under_way.append(self._start(batch))
+        finally:
+            if self.workers is not None:
+                self.workers.close()
+
+    def _start(self, batch: list[dict]) -> tuple[list[tuple[dict, tuple, Any]], Any]:
+        """Check each message's origin and receive count, then transform it, or send it to the workers.
+
+        Returns, in message order, ``(msg, args, outcome or None)`` (``None``: the workers have it),
+        and the future of the workers' outcomes: one call per batch, so a worker never waits for
+        this process to hand it the next message.
+        """
+        masker, how, max_rc, auth = self.masker, self.decoding, self.max_receive_count, self.masker.origin_auth
+        offload = self.workers.wants if self.workers is not None else None
+        outcomes: list[tuple[dict, tuple, Any]] = []
+        sent_off: list[tuple] = []
+        for msg in batch:
+            attrs = msg.get("Attributes") or {}
+            try:
+                redriven = has_origin(msg)
+                if redriven:
+                    problem = auth.problem(msg)
+                    if problem is not None:
+                        strip_origin(msg)
+                        log.warning("origin attributes not authenticated", extra={"rule": UNAUTHENTICATED,
+                                                                                  "reason": problem})
+                        raise Rejected(UNAUTHENTICATED, problem)
+                if int(attrs.get("ApproximateReceiveCount", 1)) > max_rc:
+                    raise Rejected(
+                        "poison",
+                        f"poison: received {attrs['ApproximateReceiveCount']} times without being stored",
+                    )
+            except Rejected as exc:
+                outcomes.append((msg, (), Reject(exc.rule, exc.reason)))
+                continue
+            # authenticated: keep the original's id and date
+            mid, sent = origin(msg) if redriven else (msg["MessageId"], int(attrs.get("SentTimestamp", 0)))
+            args = (msg["Body"], msg.get("MessageAttributes"), mid, sent, redriven)
+            if offload is not None and offload(args[0]):
+                sent_off.append(args)
+                outcomes.append((msg, args, None))
+            else:
+                outcomes.append((msg, args, transform_message(*args, masker, how)))
+        future = self.workers.submit(sent_off) if sent_off else None  # type: ignore[union-attr]
+        if future is None:  # no worker could take them: transform them here
+            outcomes = [(m, a, transform_message(*a, masker, how) if o is None else o) for m, a, o in outcomes]
+        return outcomes, future
+
+    async def _finish(self, outcomes: list[tuple[dict, tuple, Any]], future: Any) -> None:
+        """Merge a batch's outcomes in message order (a FIFO group's dead letters leave in order); hand them on."""
+        weigh = self.leases.weigh if self.leases is not None else None
+        rows: list[tuple] = []
+        items: list = []
+        dead: list[tuple[Any, str, str]] = []
+        done: Any = iter(())
+        if future is not None:
+            try:
+                done = iter(await future)
+            except BrokenProcessPool:
+                self.workers.reset()  # type: ignore[union-attr]
+                events.transform_workers_failed(self.stats)
+                done = iter([transform_message(*a, self.masker, self.decoding) for _, a, o in outcomes if o is None])
+        for msg, args, out in outcomes:
+            if out is None:
+                out = next(done)
+            match out:
+                case One(row, decoded):
+                    rows.append(row)
+                    items.append(msg)
+                    if decoded and weigh is not None:
+                        weigh(msg["ReceiptHandle"], 1, decoded)
+                case Many(n, decoded, got, indexes, bad):
+                    if weigh is not None:
+                        weigh(msg["ReceiptHandle"], n, decoded)
+                    group = Group(msg, n, (self.decoding, args[4]))
+                    rows += got
+                    items += [Part(group, i, row[0], None) for i, row in zip(indexes, got)]
+                    for i, text, rule, reason in bad:
+                        dead.append((Part(group, i, f"{args[2]}:{i}", text), rule, reason))
+                case Reject(rule, reason):
+                    dead.append((msg, rule, reason))
+                case _:
+                    assert_never(out)
+        if dead:
+            await self.acker.put(DeadLetter(dead))
+        if rows:
+            await self.sink.put((rows, items))

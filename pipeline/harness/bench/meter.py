@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import array
 import asyncio
+import multiprocessing
 import os
 import resource
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from stages.stats import Buckets, Stats
+
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 __all__ = ["Meter", "rate", "percentiles", "spread", "merge", "COMMIT_SAMPLE_S"]
 
@@ -37,9 +40,19 @@ def _rss_bytes() -> int:
 
 
 def _cpu_seconds() -> float:
+    """This process's CPU, its finished children's, and its live ones' (the pipeline's transform workers)."""
     own = resource.getrusage(resource.RUSAGE_SELF)
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime + sum(map(_live_cpu, multiprocessing.active_children()))
+
+
+def _live_cpu(proc: Any) -> float:
+    try:
+        with open(f"/proc/{proc.pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _TICKS
+    except (OSError, ValueError, IndexError, TypeError):  # gone meanwhile (then counted as reaped), or not Linux
+        return 0.0
 
 
 @dataclass

@@ -228,7 +228,8 @@ class Child:
     """One phase process (spawned: nothing of the parent's event loop or clients leaks in)."""
 
     def __init__(self, fn_name: str, *args: Any) -> None:
-        self.proc, self._recv = aio.spawn(_child_main, fn_name, args, daemon=True)
+        # Not daemonic: a pipeline phase starts transform workers of its own (stages.offload)
+        self.proc, self._recv = aio.spawn(_child_main, fn_name, args, daemon=False)
 
     async def result(self) -> dict:
         try:

@@ -1,0 +1,105 @@
+"""Transform workers (``stages.offload``): the same outcomes as inline, a dead worker costs nothing.
+
+Real worker processes (spawned), no services: the transformer is fed receive batches by hand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import orjson
+
+from pipeline.harness.shapes import Shape
+from pipeline.sample import sample_bodies
+from stages.decode import Decoding
+from stages.masking import Masker, generate_key
+from stages.offload import MIN_BYTES, TransformPool
+from stages.parts import Part, body_of
+from stages.stats import Stats
+from stages.transform import Transformer
+from tests.unit.test_parts import batch_message, message
+
+MASKER = Masker([generate_key("o1")])
+EVENTS = sample_bodies(120, seed=4)
+
+
+def batches() -> list[list[dict]]:
+    bad = orjson.dumps({**orjson.loads(EVENTS[0]), "ip": "300.1.1.1"}).decode()
+    big = EVENTS[:60] + ["not json", bad] + EVENTS[60:100]
+    shapes = [Shape("none", False, "array"), Shape("sns", True, "ndjson"), Shape("eventbridge", True, "array")]
+    out = []
+    for b in range(4):
+        msgs = [batch_message(10 * b + i, big, shapes[i % 3]) for i in range(3)]
+        poison = message(10 * b + 5, EVENTS[b + 1])
+        poison["Attributes"]["ApproximateReceiveCount"] = "9"  # dead-lettered before any transform
+        msgs += [message(10 * b + 3, EVENTS[b]), message(10 * b + 4, "not json"), poison]
+        out.append(msgs)
+    return out
+
+
+async def run(workers: TransformPool | None, feed: list[list[dict]], stats: Stats | None = None) -> tuple[list, list]:
+    inbox, sink, acks = asyncio.Queue(), asyncio.Queue(), asyncio.Queue()
+    for b in feed:
+        inbox.put_nowait(b)
+    inbox.put_nowait(None)
+    await Transformer(inbox, sink, acks, MASKER, stats or Stats(), 5, workers=workers).run()
+    rows, keys, dead = [], [], []
+    while (item := sink.get_nowait()) is not None:
+        rows += item[0]
+        keys += [i.key if isinstance(i, Part) else i["MessageId"] for i in item[1]]
+    while not acks.empty():
+        dead += [(e[0].key if isinstance(e[0], Part) else e[0]["MessageId"], e[1], body_of(e[0]))
+                 for e in acks.get_nowait().entries]
+    return (rows, keys), dead
+
+
+async def test_workers_give_what_the_inline_path_gives() -> None:
+    # CASE: batches of every shape, with bad events, one-event, undecodable and poison messages
+    # -> the same rows, items and dead letters (bodies included), in the same order
+    feed = batches()
+    assert all(len(m["Body"]) >= MIN_BYTES for b in feed for m in b[:3])
+    pool = TransformPool(1, MASKER, Decoding())
+    assert await run(pool, batches()) == await run(None, feed)
+    assert pool._pool is None  # closed when the transformer stopped
+
+
+async def test_small_messages_never_start_a_pool() -> None:
+    # CASE: only one-event messages -> transformed inline, no process started
+    pool = TransformPool(2, MASKER, Decoding())
+    (rows, _), _ = await run(pool, [[message(i, EVENTS[i]) for i in range(5)]])
+    assert len(rows) == 5 and pool._pool is None
+
+
+async def test_a_dead_worker_costs_nothing() -> None:
+    # CASE: the worker is killed while batches are under way -> those are transformed inline, counted,
+    # and a new pool takes the next ones: the outcome is the inline one
+    pool, stats = TransformPool(1, MASKER, Decoding()), Stats()
+    submit = pool.submit
+    calls = 0
+
+    def killing_submit(messages: list) -> asyncio.Future | None:
+        nonlocal calls
+        calls += 1
+        fut = submit(messages)
+        if calls == 2:
+            for pid in list(pool._pool._processes):  # type: ignore[union-attr]
+                os.kill(pid, signal.SIGKILL)
+        return fut
+
+    pool.submit = killing_submit  # type: ignore[method-assign]
+    assert await run(pool, batches(), stats) == await run(None, batches())
+    assert stats.errors["transform_workers"] >= 1 and calls == 4
+
+
+def test_a_stored_events_dead_letter_body_is_found_again() -> None:
+    # CASE: the database refuses the row of a stored event (its Part holds no text) -> its dead
+    # letter's body is the event's JSON, decoded again from a gzip batch in an SNS envelope
+    msg = batch_message(1, EVENTS[:3], Shape("sns", True, "ndjson"))
+    inbox, sink, acks = asyncio.Queue(), asyncio.Queue(), asyncio.Queue()
+    inbox.put_nowait([msg])
+    inbox.put_nowait(None)
+    asyncio.run(Transformer(inbox, sink, acks, MASKER, Stats(), 5).run())
+    parts = sink.get_nowait()[1]
+    assert [orjson.loads(body_of(p)) for p in parts] == [orjson.loads(e) for e in EVENTS[:3]]
