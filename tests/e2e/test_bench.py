@@ -95,7 +95,9 @@ def test_bench_writes_a_well_formed_report_and_cleans_up(queues, pg_dsn: str, tm
         assert PHASE_KEYS <= phase.keys(), name
         assert phase["messages"] > 0 and phase["rate_per_s"] > 0, name
     assert report["phases"]["broker"]["messages"] == report["phases"]["pipeline"]["messages"] == 300
-    assert report["phases"]["core"]["messages"] == report["phases"]["raw_copy"]["messages"] == 300
+    assert report["phases"]["core"]["messages"] == 300
+    # the ceilings run at least 50 batches of the same rows under fresh ids: a rate from few commits runs high
+    assert report["phases"]["raw_copy"]["messages"] == report["phases"]["raw_direct_copy"]["messages"] >= 300
     for phase in ("pipeline", "latency"):
         assert {"p50", "p95", "p99"} <= report["phases"][phase]["latency_ms"].keys()
     assert report["phases"]["latency"]["target_rate_per_s"] > 0
