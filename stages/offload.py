@@ -15,15 +15,18 @@ Ctrl-C reaches the whole process group; the pipeline drains and then stops them)
 
 A worker that dies breaks the pool: the transformer transforms the batch at hand itself and
 a new pool starts with the next big message (``events.transform_workers_failed``), so nothing
-is lost or duplicated by it.
+is lost or duplicated by it. A worker whose pipeline process is gone (killed, so it could not
+stop them) exits by itself: nothing is left behind.
 """
 
 from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
+import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
@@ -52,6 +55,14 @@ def _init(key: MaskingKey, how: Decoding) -> None:
     global _worker
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _worker = (Masker([key]), how)
+    parent = multiprocessing.parent_process()
+    if parent is not None:  # the pipeline killed (-9, OOM): no pipe tells the worker, its own copy keeps it open
+        threading.Thread(target=_exit_with, args=(parent.sentinel,), name="parent-watch", daemon=True).start()
+
+
+def _exit_with(sentinel: Any) -> None:
+    multiprocessing.connection.wait([sentinel])
+    os._exit(0)
 
 
 def _run(messages: list[tuple]) -> list:

@@ -103,3 +103,46 @@ def test_a_stored_events_dead_letter_body_is_found_again() -> None:
     asyncio.run(Transformer(inbox, sink, acks, MASKER, Stats(), 5).run())
     parts = sink.get_nowait()[1]
     assert [orjson.loads(body_of(p)) for p in parts] == [orjson.loads(e) for e in EVENTS[:3]]
+
+
+_KILLED_PARENT = """
+import asyncio, multiprocessing, os, sys
+from stages.decode import Decoding
+from stages.masking import Masker, generate_key
+from stages.offload import TransformPool
+
+async def main():
+    pool = TransformPool(1, Masker([generate_key("o2")]), Decoding())
+    await pool.submit([(sys.argv[1], None, "m-1", 0, False)])
+    print(*(c.pid for c in multiprocessing.active_children() if "Process" in c.name), flush=True)
+    os.kill(os.getpid(), 9)
+
+if __name__ == "__main__":
+    asyncio.run(main())
+"""
+
+
+def test_workers_exit_when_the_pipeline_is_killed(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # CASE: kill -9 of the pipeline process -> its transform workers exit too (no orphan keeps the key)
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "killed.py"
+    script.write_text(_KILLED_PARENT)
+    body = "[" + ",".join(EVENTS[:40]) + "]"
+    out = subprocess.run([sys.executable, str(script), body], capture_output=True, text=True, timeout=60,
+                         cwd=os.getcwd(), env={**os.environ, "PYTHONPATH": os.getcwd()})
+    pids = [int(p) for p in out.stdout.split()]
+    assert out.returncode == -signal.SIGKILL and pids, out.stderr[-2000:]
+    def alive(pid: int) -> bool:  # a zombie (exited, not yet reaped by whoever adopted it) is gone
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + 20
+    while any(alive(p) for p in pids):
+        assert time.monotonic() < deadline, "a transform worker outlived its pipeline"
+        time.sleep(0.05)
