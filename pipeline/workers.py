@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import multiprocessing
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -124,22 +125,40 @@ def _worker(settings: Settings, until_empty: bool, index: int, log_level: str, c
         async def snapshots() -> None:
             while True:
                 await asyncio.sleep(_SNAPSHOT_S)
-                conn.send(("stats", rt.stats.summary(), rt.backlog))
+                tell(("stats", rt.stats.summary(), rt.backlog))
 
+        loop = asyncio.get_running_loop()
+        parent = multiprocessing.parent_process()
+
+        def orphaned() -> None:  # the parent killed (-9, OOM): drain and stop as on SIGTERM, never run on alone
+            loop.remove_reader(parent.sentinel)  # type: ignore[union-attr]
+            log.error("the parent process is gone: draining and stopping", extra={"worker": index})
+            stop.set()
+
+        if parent is not None:  # its sentinel reads end-of-file once the parent has exited
+            loop.add_reader(parent.sentinel, orphaned)
         sender = asyncio.create_task(snapshots())
         try:
             return await run(settings, until_empty=until_empty, stop=stop, runtime=rt)
         finally:
             sender.cancel()
+            if parent is not None:
+                loop.remove_reader(parent.sentinel)
+
+    def tell(message: tuple) -> None:
+        try:
+            conn.send(message)
+        except OSError:  # the parent is gone (and then this worker is draining to stop): nobody to tell
+            pass
 
     try:
-        conn.send(("summary", aio.run(main())))
+        tell(("summary", aio.run(main())))
     except asyncio.CancelledError:  # a second SIGTERM: stopped at once, counts so far
-        conn.send(("summary", rt.stats.summary()))
+        tell(("summary", rt.stats.summary()))
     except (PreflightError, KeyError_) as exc:  # configuration: a restart cannot fix it
-        conn.send(("fatal", str(exc)))
+        tell(("fatal", str(exc)))
     except BaseException as exc:  # noqa: BLE001 - a crash: the parent logs it and replaces this worker
-        conn.send(("crash", f"{type(exc).__name__}: {exc}"))
+        tell(("crash", f"{type(exc).__name__}: {exc}"))
     finally:
         conn.close()
 

@@ -122,3 +122,12 @@ CREATE TABLE IF NOT EXISTS user_logins(
     user_id varchar(128), device_type varchar(32), masked_ip varchar(256),
     masked_device_id varchar(256), locale varchar(32), app_version integer, create_date date)
 """
+
+
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` still runs: a zombie (exited, not yet reaped by whoever adopted it) does not."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

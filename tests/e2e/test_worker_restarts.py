@@ -14,7 +14,7 @@ import asyncpg
 import orjson
 
 from stages.masking import generate_key
-from tests.helpers import REPO, fetch, pipeline_env, queue_counts, run_cli
+from tests.helpers import REPO, fetch, pipeline_env, process_alive, queue_counts, run_cli
 
 KEY = generate_key("work").encode()
 
@@ -81,3 +81,30 @@ def test_a_worker_killed_mid_run_is_logged_replaced_and_the_queue_still_drains(q
     rows = fetch(pg_dsn, "SELECT count(*) AS n, count(DISTINCT message_id) AS ids FROM user_logins")[0]
     assert rows["n"] == rows["ids"] == valid  # every valid message stored, exactly once
     assert queue_counts(queues.client, queues.queue_url) == (0, 0)
+
+
+def test_workers_stop_when_the_parent_is_killed(queues, pg_dsn: str) -> None:  # type: ignore[no-untyped-def]
+    # kill -9 of the parent: no one forwards signals any more, so each worker sees its parent's
+    # sentinel close, drains, releases what it holds and exits: none keeps consuming on its own
+    env = pipeline_env(queues, pg_dsn, KEY, PIPELINE_PIPELINE__PROCESSES="2", PIPELINE_PIPELINE__GRACE_SECONDS="2")
+    with tempfile.NamedTemporaryFile("w+") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run"], cwd=REPO, env=env,
+                                stdout=subprocess.DEVNULL, stderr=err, text=True)
+        try:
+            def pids() -> list[int]:
+                err.seek(0)
+                return next((e["pids"] for e in log_entries(err.read()) if e["msg"] == "workers started"), [])
+
+            workers = wait_for("worker pids", pids, 60, proc)
+            proc.kill()
+            proc.wait()
+            deadline = time.monotonic() + 60
+            while any(process_alive(p) for p in workers):
+                assert time.monotonic() < deadline, "a worker outlived its parent"
+                time.sleep(0.1)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        err.seek(0)
+        assert "the parent process is gone" in err.read()

@@ -19,6 +19,7 @@ from stages.offload import MIN_BYTES, TransformPool
 from stages.parts import Part, body_of
 from stages.stats import Stats
 from stages.transform import Transformer
+from tests.helpers import process_alive
 from tests.unit.test_parts import batch_message, message
 
 MASKER = Masker([generate_key("o1")])
@@ -135,14 +136,7 @@ def test_workers_exit_when_the_pipeline_is_killed(tmp_path) -> None:  # type: ig
                          cwd=os.getcwd(), env={**os.environ, "PYTHONPATH": os.getcwd()})
     pids = [int(p) for p in out.stdout.split()]
     assert out.returncode == -signal.SIGKILL and pids, out.stderr[-2000:]
-    def alive(pid: int) -> bool:  # a zombie (exited, not yet reaped by whoever adopted it) is gone
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-        except OSError:
-            return False
-
     deadline = time.monotonic() + 20
-    while any(alive(p) for p in pids):
+    while any(process_alive(p) for p in pids):
         assert time.monotonic() < deadline, "a transform worker outlived its pipeline"
         time.sleep(0.05)
