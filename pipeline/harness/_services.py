@@ -121,6 +121,7 @@ class LocalStack:
             "SQS_ENDPOINT_STRATEGY": "off",  # queue URLs are http://127.0.0.1:PORT/<account>/<name>
             "SKIP_SSL_CERT_DOWNLOAD": "1",  # no network here; don't even try
             "DISABLE_EVENTS": "1",  # no analytics calls
+            "LS_LOG": "warning",  # not a line per request: at bench rates the broker's own logging costs CPU
             "FILESYSTEM_ROOT": str(run_dir / "fs"),
             "TMPDIR": str(run_dir),
         }
