@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import re
+import sys
 import zlib
 from dataclasses import dataclass
 from typing import Any
@@ -40,7 +42,25 @@ _ENVELOPE_NAMES = {"sns": "an SNS notification", "eventbridge": "an EventBridge 
 _GZIP_B64 = "H4s"  # base64 of 1f 8b 08: every gzip member starts so, and no JSON text does
 # A JSON \u0000 escape that is not itself escaped (an even run of backslashes before it).
 _NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
-_loads, _dumps, _JSONDecodeError = orjson.loads, orjson.dumps, orjson.JSONDecodeError
+_loads, _JSONDecodeError = orjson.loads, orjson.JSONDecodeError
+
+
+def event_json(value: Any) -> str:
+    """The JSON of a parsed value, for a dead letter or a NUL check; never fails on what parsed.
+
+    ``orjson`` reads 1,024 levels of nesting but writes only 255: a deeper event (hostile or
+    broken) is written by the standard library instead, with room for its depth, so its dead
+    letter still carries it whole rather than crashing the stage that writes it.
+    """
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:  # orjson.JSONEncodeError: nested too deep (or an integer past 64 bits)
+        limit = sys.getrecursionlimit()
+        sys.setrecursionlimit(max(limit, 10_000))
+        try:
+            return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+        finally:
+            sys.setrecursionlimit(limit)
 
 
 class Rejected(ValueError):
@@ -220,7 +240,7 @@ def decode(body: str | bytes, attributes: Any, how: Decoding, *, redriven: bool 
     if doc is _FAILED:
         return _lines(text, err, how), decoded  # type: ignore[arg-type]
     if type(doc) is dict:
-        if has_nul(text) if text else has_nul(_dumps(doc)):
+        if has_nul(text) if text else has_nul(event_json(doc)):
             raise Rejected("body.nul", "body: contains a NUL character")
         return [doc], decoded
     if type(doc) is list:
@@ -240,9 +260,9 @@ def _array(items: list, text: str | bytes, how: Decoding) -> list:
     events: list = []
     for e in items:
         if type(e) is not dict:
-            events.append(BadEvent(_dumps(e).decode(), "body.type", f"body: must be a JSON object, got {json_type(e)}"))
-        elif nul and has_nul(raw := _dumps(e)):
-            events.append(BadEvent(raw.decode(), "body.nul", "body: contains a NUL character"))
+            events.append(BadEvent(event_json(e), "body.type", f"body: must be a JSON object, got {json_type(e)}"))
+        elif nul and has_nul(raw := event_json(e)):
+            events.append(BadEvent(raw, "body.nul", "body: contains a NUL character"))
         else:
             events.append(e)
     return events

@@ -35,7 +35,7 @@ from .decode import Decoding
 from .masking import Masker, MaskingKey
 from .transform import transform_message
 
-__all__ = ["TransformPool", "MIN_BYTES", "default_workers"]
+__all__ = ["TransformPool", "MIN_BYTES", "default_workers", "usable_cpus"]
 
 MIN_BYTES = 4096  # smaller bodies (one event is ~200 bytes) are transformed inline
 
@@ -43,17 +43,30 @@ _worker: tuple[Masker, Decoding] | None = None
 
 
 def default_workers(processes: int = 1) -> int:
-    """Worker processes for ``auto``: the CPUs this host gives us, less one event loop per pipeline process."""
+    """Worker processes for ``auto``: the CPUs we may use, less one event loop per pipeline process."""
+    return max(0, min(usable_cpus() // max(1, processes) - 1, 8))
+
+
+def usable_cpus() -> int:
+    """CPUs this process may use: its affinity, capped by a cgroup v2 CPU quota (a container's limit)."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cpus = os.cpu_count() or 1
-    return max(0, min(cpus // max(1, processes) - 1, 8))
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cpus
 
 
 def _init(key: MaskingKey, how: Decoding) -> None:
     global _worker
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # a signal to the process group is the pipeline's to handle:
+        signal.signal(sig, signal.SIG_IGN)      # it drains, then stops its workers itself
     _worker = (Masker([key]), how)
     parent = multiprocessing.parent_process()
     if parent is not None:  # the pipeline killed (-9, OOM): no pipe tells the worker, its own copy keeps it open
@@ -76,26 +89,34 @@ class TransformPool:
     def __init__(self, workers: int, masker: Masker, how: Decoding) -> None:
         self.workers, self._key, self._how = workers, masker.active_key(), how
         self._pool: ProcessPoolExecutor | None = None
+        self._generation = 0  # which pool a batch went to: only the current one may be dropped
 
     def wants(self, body: str | bytes) -> bool:
         return self.workers > 0 and len(body) >= MIN_BYTES
 
-    def submit(self, messages: list[tuple]) -> asyncio.Future | None:
-        """The outcomes of ``messages`` (``transform_message``'s arguments without masker and decoding), in order."""
-        if self._pool is None:
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=_init, initargs=(self._key, self._how))
+    def submit(self, messages: list[tuple]) -> tuple[int, asyncio.Future] | None:
+        """``(pool generation, future of the outcomes of messages in order)``; ``messages`` are
+        ``transform_message``'s arguments without masker and decoding. ``None``: do them inline
+        (the pool is broken, or a worker could not even be started)."""
         try:
-            return asyncio.wrap_future(self._pool.submit(_run, messages))
-        except BrokenProcessPool:
-            self.reset()
+            if self._pool is None:
+                self._generation += 1
+                self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                                 initializer=_init, initargs=(self._key, self._how))
+            return self._generation, asyncio.wrap_future(self._pool.submit(_run, messages))
+        except (BrokenProcessPool, OSError, RuntimeError):  # broken, or no process to be had (memory, limits)
+            self.reset(self._generation)
             return None
 
-    def reset(self) -> None:
-        """Drop a broken pool; the next big message starts a new one."""
+    def reset(self, generation: int) -> bool:
+        """Drop pool ``generation`` if it is still the current one (and say so): each batch that was
+        under way on a broken pool reports it, and the pool that replaced it must survive them.
+        Nothing is cancelled: the broken pool's batches fail by themselves."""
+        if generation != self._generation or self._pool is None:
+            return False
         pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+        pool.shutdown(wait=False)
+        return True
 
     def close(self) -> None:
         """At the end of the run, once the transformer has every outcome: the workers exit, and are reaped."""

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 from typing import Iterable, Union
 
-import orjson
-
-from .decode import BadEvent, Decoding, decode
+from .decode import BadEvent, Decoding, decode, event_json
 from .message import origin
 
 __all__ = ["Part", "Group", "Item", "source_of", "body_of", "key_of", "event_index", "log_id", "settle"]
@@ -27,11 +25,12 @@ __all__ = ["Part", "Group", "Item", "source_of", "body_of", "key_of", "event_ind
 class Group:
     """The countdown of one split message: parts not yet resolved, and whether one must come back."""
 
-    __slots__ = ("msg", "left", "keep", "decoding")
+    __slots__ = ("msg", "left", "keep", "decoding", "events")
 
     def __init__(self, msg: dict, parts: int, decoding: tuple[Decoding, bool] | None = None) -> None:
         self.msg, self.left, self.keep = msg, parts, False
         self.decoding = decoding  # (how, redriven): how to find an event of it again (``body_of``)
+        self.events: list | None = None  # decoded again once, if any of its rows is refused
 
 
 class Part:
@@ -71,10 +70,11 @@ def body_of(item: Item) -> str:
     if event is not None:
         return event
     group = item.group  # type: ignore[union-attr]
-    how, redriven = group.decoding
-    events, _ = decode(group.msg["Body"], group.msg.get("MessageAttributes"), how, redriven=redriven)
-    event = events[item.index]  # type: ignore[union-attr]
-    return event.text if type(event) is BadEvent else orjson.dumps(event).decode()
+    if group.events is None:  # once per message, however many of its rows are refused
+        how, redriven = group.decoding
+        group.events = decode(group.msg["Body"], group.msg.get("MessageAttributes"), how, redriven=redriven)[0]
+    event = group.events[item.index]  # type: ignore[union-attr]
+    return event.text if type(event) is BadEvent else event_json(event)
 
 
 def key_of(item: Item) -> str:

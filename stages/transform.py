@@ -20,7 +20,7 @@ import orjson
 from . import events
 from .acker import DeadLetter
 from .addresses import normalise_ip
-from .decode import BadEvent, Decoding, Rejected, decode, has_nul, json_type, parse_error
+from .decode import BadEvent, Decoding, Rejected, decode, event_json, has_nul, json_type, parse_error
 from .masking import Masker
 from .message import ORIGIN_ATTRIBUTES, ORIGIN_ID, ORIGIN_SENT, UNAUTHENTICATED, has_origin, origin, strip_origin
 from .parts import Group, Part
@@ -213,7 +213,7 @@ def transform_message(body: str | bytes, attributes: Any, key: str, sent: int, r
         try:
             rows.append(event_row(event, f"{key}:{i}", sent, masker))
         except Rejected as exc:
-            bad.append((i, orjson.dumps(event).decode(), exc.rule, exc.reason))
+            bad.append((i, event_json(event), exc.rule, exc.reason))
             continue
         indexes.append(i)
     return Many(len(events), decoded, rows, indexes, bad)
@@ -320,24 +320,27 @@ class Transformer:
                 outcomes.append((msg, args, None))
             else:
                 outcomes.append((msg, args, transform_message(*args, masker, how)))
-        future = self.workers.submit(sent_off) if sent_off else None  # type: ignore[union-attr]
-        if future is None:  # no worker could take them: transform them here
+        sent = self.workers.submit(sent_off) if sent_off else None  # type: ignore[union-attr]
+        if sent is None:  # no worker could take them: transform them here
             outcomes = [(m, a, transform_message(*a, masker, how) if o is None else o) for m, a, o in outcomes]
-        return outcomes, future
+        return outcomes, sent
 
-    async def _finish(self, outcomes: list[tuple[dict, tuple, Any]], future: Any) -> None:
+    async def _finish(self, outcomes: list[tuple[dict, tuple, Any]], sent: tuple[int, Any] | None) -> None:
         """Merge a batch's outcomes in message order (a FIFO group's dead letters leave in order); hand them on."""
         weigh = self.leases.weigh if self.leases is not None else None
         rows: list[tuple] = []
         items: list = []
         dead: list[tuple[Any, str, str]] = []
         done: Any = iter(())
-        if future is not None:
+        if sent is not None:
+            generation, future = sent
             try:
                 done = iter(await future)
-            except BrokenProcessPool:
-                self.workers.reset()  # type: ignore[union-attr]
-                events.transform_workers_failed(self.stats)
+            except (BrokenProcessPool, asyncio.CancelledError) as exc:
+                if isinstance(exc, asyncio.CancelledError) and asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                    raise  # this task is being cancelled; a future cancelled under it is a lost batch
+                if self.workers.reset(generation):  # type: ignore[union-attr]
+                    events.transform_workers_failed(self.stats)
                 done = iter([transform_message(*a, self.masker, self.decoding) for _, a, o in outcomes if o is None])
         for msg, args, out in outcomes:
             if out is None:

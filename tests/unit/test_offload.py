@@ -80,7 +80,7 @@ async def test_a_dead_worker_costs_nothing() -> None:
     submit = pool.submit
     calls = 0
 
-    def killing_submit(messages: list) -> asyncio.Future | None:
+    def killing_submit(messages: list) -> tuple | None:
         nonlocal calls
         calls += 1
         fut = submit(messages)
@@ -91,7 +91,58 @@ async def test_a_dead_worker_costs_nothing() -> None:
 
     pool.submit = killing_submit  # type: ignore[method-assign]
     assert await run(pool, batches(), stats) == await run(None, batches())
-    assert stats.errors["transform_workers"] >= 1 and calls == 4
+    assert stats.errors["transform_workers"] == 1 and calls == 4  # one death, counted once
+
+
+async def test_batches_of_a_dead_pool_do_not_stop_its_successor() -> None:
+    # CASE: the worker dies with two batches under way while more keep coming: each stale batch is
+    # transformed inline, the new pool started meanwhile is left alone (nothing cancelled), and the
+    # outcome is the inline one
+    pool, stats = TransformPool(1, MASKER, Decoding()), Stats()
+    submit, calls = pool.submit, 0
+
+    def killing_submit(messages: list) -> tuple | None:
+        nonlocal calls
+        calls += 1
+        sent = submit(messages)
+        if calls == 2:
+            for pid in list(pool._pool._processes):  # type: ignore[union-attr]
+                os.kill(pid, signal.SIGKILL)
+        return sent
+
+    pool.submit = killing_submit  # type: ignore[method-assign]
+    inbox, sink, acks = asyncio.Queue(), asyncio.Queue(), asyncio.Queue()
+    transformer = asyncio.create_task(Transformer(inbox, sink, acks, MASKER, stats, 5, workers=pool).run())
+    feed = batches() + batches()
+    for b in feed[:2]:
+        inbox.put_nowait(b)
+    await asyncio.sleep(0.2)
+    for b in feed[2:]:
+        inbox.put_nowait(b)
+        await asyncio.sleep(0)
+    inbox.put_nowait(None)
+    await asyncio.wait_for(transformer, 60)
+    rows = []
+    while (item := sink.get_nowait()) is not None:
+        rows += item[0]
+    (want, _), _ = await run(None, batches() + batches())
+    assert rows == want and stats.errors["transform_workers"] == 1
+
+
+def test_an_event_too_deep_for_orjson_to_write_is_dead_lettered_whole() -> None:
+    # CASE: a bad event nested 300 deep (orjson reads 1,024 levels, writes 255) -> its dead letter
+    # carries it whole, and nothing crashes, inline or in a worker
+    deep = {"user_id": "u-1", "x": "[" * 300 + "]" * 300}
+    deep["x"] = orjson.loads(deep["x"])
+    body = "[" + ",".join(EVENTS[:30] + [orjson.dumps({"user_id": "u"}).decode().replace('"u"}', '"u","x":'
+                                                                                       + "[" * 300 + "]" * 300 + "}")]) + "]"
+    msg = message(1, body)
+    for pool in (None, TransformPool(1, MASKER, Decoding())):
+        (rows, _), dead = asyncio.run(run(pool, [[msg]]))
+        assert len(rows) == 30 and len(dead) == 1
+        key, rule, text = dead[0]
+        assert key == "m-1:30" and rule == "device_type.missing"
+        assert orjson.loads(text.replace("[" * 300 + "]" * 300, "[]")) == {"user_id": "u", "x": []}
 
 
 def test_a_stored_events_dead_letter_body_is_found_again() -> None:
@@ -106,6 +157,29 @@ def test_a_stored_events_dead_letter_body_is_found_again() -> None:
     assert [orjson.loads(body_of(p)) for p in parts] == [orjson.loads(e) for e in EVENTS[:3]]
 
 
+def test_refused_rows_of_one_message_decode_it_once(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # CASE: every row of a 200-event message refused -> one decode for all their dead letters, not one each
+    import stages.parts
+
+    msg = batch_message(1, EVENTS[:100] * 2, Shape("none", True, "array"))
+    inbox, sink, acks = asyncio.Queue(), asyncio.Queue(), asyncio.Queue()
+    inbox.put_nowait([msg])
+    inbox.put_nowait(None)
+    asyncio.run(Transformer(inbox, sink, acks, MASKER, Stats(), 5).run())
+    parts = sink.get_nowait()[1]
+    decodes = 0
+    real = stages.parts.decode
+
+    def counting(*args, **kw):  # type: ignore[no-untyped-def]
+        nonlocal decodes
+        decodes += 1
+        return real(*args, **kw)
+
+    monkeypatch.setattr(stages.parts, "decode", counting)
+    assert [body_of(p) for p in parts] == [body_of(p) for p in parts] and len(parts) == 200
+    assert decodes == 1
+
+
 _KILLED_PARENT = """
 import asyncio, multiprocessing, os, sys
 from stages.decode import Decoding
@@ -114,7 +188,7 @@ from stages.offload import TransformPool
 
 async def main():
     pool = TransformPool(1, Masker([generate_key("o2")]), Decoding())
-    await pool.submit([(sys.argv[1], None, "m-1", 0, False)])
+    await pool.submit([(sys.argv[1], None, "m-1", 0, False)])[1]
     print(*(c.pid for c in multiprocessing.active_children() if "Process" in c.name), flush=True)
     os.kill(os.getpid(), 9)
 

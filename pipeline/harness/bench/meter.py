@@ -41,9 +41,10 @@ def _rss_bytes() -> int:
 
 def _cpu_seconds() -> float:
     """This process's CPU, its finished children's, and its live ones' (the pipeline's transform workers)."""
+    live = multiprocessing.active_children()  # first: it reaps the finished ones, whose CPU RUSAGE_CHILDREN then holds
     own = resource.getrusage(resource.RUSAGE_SELF)
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime + sum(map(_live_cpu, multiprocessing.active_children()))
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime + sum(map(_live_cpu, live))
 
 
 def _live_cpu(proc: Any) -> float:

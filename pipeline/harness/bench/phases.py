@@ -162,7 +162,7 @@ async def _phase_core(settings: Settings, bodies: list[str]) -> dict:
                                                               schema_name="pg_temp")
                                 await c.execute(insert)
                             else:
-                                await c.copy_records_to_table(table, records=chunk, columns=COLUMNS)
+                                await c.copy_records_to_table(table.lower(), records=chunk, columns=COLUMNS)
                         meter.event(len(chunk))
 
             await asyncio.gather(*(copier() for _ in range(p.write_concurrency)))
