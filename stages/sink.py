@@ -209,7 +209,9 @@ class CopySink:
                     async with conn.transaction():
                         await conn.copy_records_to_table(self._copy_to, records=rows, columns=COLUMNS)
                     return len(rows)
-                except asyncpg.UniqueViolationError:  # a stored key: this batch, and the next ones, upsert
+                # a stored key (or a user's exclusion constraint, which DO NOTHING also skips): this
+                # batch, and the next ones, upsert
+                except (asyncpg.UniqueViolationError, asyncpg.ExclusionViolationError):
                     self._upsert_next = UPSERT_AFTER_CONFLICT
                     events.copy_met_stored_key(self.stats)
             elif self._upsert_next > 0:
