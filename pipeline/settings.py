@@ -16,7 +16,6 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from stages.sink import UPSERT_AFTER_CONFLICT
 from stages.sqs import derived_dlq_url
 
 from .dsn import dsn_hint, dsn_problem, dsn_targets, redact_dsn, scrub_dsn_secrets  # noqa: F401 - re-exported
@@ -152,8 +151,9 @@ class PostgresSettings(_Section):
     pool_size: int = Field(4, ge=2, le=64, description="asyncpg pool size")
     write_method: Literal["auto", "upsert"] = Field("auto", description=(
         "how a batch is written: `auto` COPYs straight into the table and, when a batch meets a row already "
-        f"stored (a redelivery), writes it and the next {UPSERT_AFTER_CONFLICT} batches through a staged `INSERT … "
-        "ON CONFLICT DO NOTHING`; `upsert` always stages (for tables with INSERT rules, which COPY does not apply)"))
+        "stored (a redelivery), writes it and the batches after it (redeliveries come in runs) through a staged "
+        "`INSERT … ON CONFLICT DO NOTHING`; `upsert` always stages (for tables with INSERT rules, which COPY does "
+        "not apply)"))
     recovery_dsn: SecretStr = Field(SecretStr(""), description=(
         "DSN `unmask --query/--where` reads with instead of `dsn`: a role granted only SELECT on the table, "
         "so a recovery can read and nothing else; empty = `dsn`"))

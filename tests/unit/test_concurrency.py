@@ -148,15 +148,20 @@ async def test_idle_receives_drift_back_to_the_start() -> None:
     assert lim.limit == 8
 
 
-async def test_no_demand_no_growth() -> None:
-    # CASE: calls never fill the limit (demand below it): nothing to learn, the limit stays
-    clock = Clock()
-    lim = Limiter("delete", start=16, maximum=128, clock=clock)
-    for _ in range(200):
+async def one_at_a_time(lim: Limiter, clock: Clock, n: int) -> None:
+    """``n`` full calls of 50 ms, each alone: demand never reaches the limit."""
+    for _ in range(n):
         await lim.acquire()
         clock.now += 0.05
         lim.observe(0.05, 10)
         lim.release()
+
+
+async def test_no_demand_no_growth() -> None:
+    # CASE: calls never fill the limit (demand below it): nothing to learn, the limit stays
+    clock = Clock()
+    lim = Limiter("delete", start=16, maximum=128, clock=clock)
+    await one_at_a_time(lim, clock, 200)
     assert lim.limit == 16
 
 
@@ -216,9 +221,5 @@ async def test_idle_permits_drift_it_back_to_the_start() -> None:
     lim = Limiter("delete", start=16, maximum=128, clock=clock)
     await rounds(lim, clock, 40, base_rtt=0.05)
     assert lim.limit == 128
-    for _ in range(400):
-        await lim.acquire()
-        clock.now += 0.05
-        lim.observe(0.05, 10)
-        lim.release()
+    await one_at_a_time(lim, clock, 400)
     assert lim.limit == 16

@@ -73,25 +73,29 @@ async def test_small_messages_never_start_a_pool() -> None:
     assert len(rows) == 5 and pool._pool is None
 
 
+def kill_worker_at(pool: TransformPool, call: int) -> list[int]:
+    """Kill the pool's worker right after its ``call``-th batch is sent; returns ``[batches sent]``."""
+    submit, calls = pool.submit, [0]
+
+    def killing_submit(messages: list) -> tuple | None:
+        calls[0] += 1
+        sent = submit(messages)
+        if calls[0] == call:
+            for pid in list(pool._pool._processes):  # type: ignore[union-attr]
+                os.kill(pid, signal.SIGKILL)
+        return sent
+
+    pool.submit = killing_submit  # type: ignore[method-assign]
+    return calls
+
+
 async def test_a_dead_worker_costs_nothing() -> None:
     # CASE: the worker is killed while batches are under way -> those are transformed inline, counted,
     # and a new pool takes the next ones: the outcome is the inline one
     pool, stats = TransformPool(1, MASKER, Decoding()), Stats()
-    submit = pool.submit
-    calls = 0
-
-    def killing_submit(messages: list) -> tuple | None:
-        nonlocal calls
-        calls += 1
-        fut = submit(messages)
-        if calls == 2:
-            for pid in list(pool._pool._processes):  # type: ignore[union-attr]
-                os.kill(pid, signal.SIGKILL)
-        return fut
-
-    pool.submit = killing_submit  # type: ignore[method-assign]
+    calls = kill_worker_at(pool, 2)
     assert await run(pool, batches(), stats) == await run(None, batches())
-    assert stats.errors["transform_workers"] == 1 and calls == 4  # one death, counted once
+    assert stats.errors["transform_workers"] == 1 and calls == [4]  # one death, counted once
 
 
 async def test_batches_of_a_dead_pool_do_not_stop_its_successor() -> None:
@@ -99,18 +103,7 @@ async def test_batches_of_a_dead_pool_do_not_stop_its_successor() -> None:
     # transformed inline, the new pool started meanwhile is left alone (nothing cancelled), and the
     # outcome is the inline one
     pool, stats = TransformPool(1, MASKER, Decoding()), Stats()
-    submit, calls = pool.submit, 0
-
-    def killing_submit(messages: list) -> tuple | None:
-        nonlocal calls
-        calls += 1
-        sent = submit(messages)
-        if calls == 2:
-            for pid in list(pool._pool._processes):  # type: ignore[union-attr]
-                os.kill(pid, signal.SIGKILL)
-        return sent
-
-    pool.submit = killing_submit  # type: ignore[method-assign]
+    kill_worker_at(pool, 2)
     inbox, sink, acks = asyncio.Queue(), asyncio.Queue(), asyncio.Queue()
     transformer = asyncio.create_task(Transformer(inbox, sink, acks, MASKER, stats, 5, workers=pool).run())
     feed = batches() + batches()
