@@ -7,17 +7,20 @@ from __future__ import annotations
 
 import asyncio
 import time
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import pytest
 
 from stages import backoff
+from stages import source as source_module
 from stages.acker import Acker, Committed
 from stages.concurrency import Limiter
 from stages.leases import Leases
 from stages.source import SqsSource
 from stages.stats import Stats
 from tests.sqs_fake import FakeSqs, client_error, message
+from tests.unit.test_concurrency import Clock
 
 
 async def until(cond: Callable[[], bool], timeout: float = 15) -> None:
@@ -79,10 +82,16 @@ async def test_receive_concurrency_grows_under_latency() -> None:
 
 
 class Saturated(Endless):
-    """A broker that serves one receive at a time: more calls in flight only queue (loopback, CPU-bound)."""
+    """A broker that serves one receive at a time: more calls in flight only queue (loopback, CPU-bound).
 
-    def __init__(self, service: float) -> None:
+    On a virtual clock shared with the source and its limit: each call served advances it by
+    ``service``, so round trips (queueing included) are what the broker does, not what a loaded
+    test machine's scheduler adds.
+    """
+
+    def __init__(self, service: float, clock: Clock) -> None:
         super().__init__(service)
+        self.clock = clock
         self.lock = asyncio.Lock()
         self.calls = self.most_calls = 0  # calls under way, queued ones included
 
@@ -91,16 +100,21 @@ class Saturated(Endless):
         self.most_calls = max(self.most_calls, self.calls)
         try:
             async with self.lock:
-                return await super().receive_message(**request)
+                await asyncio.sleep(0)
+                self.clock.now += self.latency
+                self.n += 10
+                return {"Messages": [message(i) for i in range(self.n - 10, self.n)]}
         finally:
             self.calls -= 1
 
 
-async def test_receive_concurrency_does_not_grow_where_it_adds_no_throughput() -> None:
+async def test_receive_concurrency_does_not_grow_where_it_adds_no_throughput(monkeypatch: pytest.MonkeyPatch) -> None:
     # CASE: every receive is full and permits are busy (demand), but the round trip rises with the
     # concurrency: growth stops where calls queue (one step), a step further is taken back
-    sqs = Saturated(0.002)
-    stats, _ = await run_source(sqs, Limiter("receive", start=4, maximum=64),
+    clock = Clock()
+    monkeypatch.setattr(source_module, "time", SimpleNamespace(monotonic=clock))
+    sqs = Saturated(0.002, clock)
+    stats, _ = await run_source(sqs, Limiter("receive", start=4, maximum=64, clock=clock),
                                 until_=lambda s: s.received >= 1500 and s.concurrency["receive"] <= 8)
     assert sqs.most_calls <= 16  # one step to where calls queue, one more as a probe, never compounded
 
