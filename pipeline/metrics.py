@@ -58,6 +58,17 @@ class StatsCollector(Collector):
         for dep in sorted({"sqs", "postgres", *s.errors}):
             errors.add_metric([dep], s.errors.get(dep, 0))
         yield errors
+        outages = CounterMetricFamily("pipeline_dependency_outages",
+                                      "Times a dependency stopped answering at all (calls then wait for a probe).",
+                                      labels=["dependency"])
+        down = GaugeMetricFamily("pipeline_dependency_unreachable",
+                                 "1 while a dependency answers no call (one probe per backoff step goes).",
+                                 labels=["dependency"])
+        for dep in sorted({"sqs", *s.outages}):
+            outages.add_metric([dep], s.outages.get(dep, 0))
+            down.add_metric([dep], 1 if dep in s.unreachable else 0)
+        yield outages
+        yield down
 
         depth = GaugeMetricFamily("pipeline_stage_queue_depth", "Items waiting in each inter-stage queue.", labels=["queue"])
         for name, q in (self.rt.queues or {}).items():

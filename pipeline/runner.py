@@ -30,6 +30,7 @@ from stages.sink import CopySink, create_stage_table
 from stages.source import SqsSource
 from stages.sqs import classify
 from stages.offload import TransformPool, default_workers
+from stages.outage import Outage
 from stages.transform import Decoding, Transformer
 
 from stages.stats import Stats
@@ -98,9 +99,10 @@ async def run(
         acks: asyncio.Queue = asyncio.Queue(p.queue_size * 4)
         rt.queues = {"raw": raw, "rows": rows, "acks": acks}
         leases = rt.leases = Leases(s.max_in_flight, p.max_in_flight_rows, p.max_in_flight_bytes)
+        outage = Outage("sqs", stats)  # receives, deletes and dead letters meet an unreachable SQS as one
         source = rt.source = SqsSource(
-            client, s.queue_url, raw, leases, stats,
-            receivers=_limiter(s, "receive"), wait_time_seconds=s.wait_time_seconds, visibility_timeout=s.visibility_timeout,
+            client, s.queue_url, raw, leases, stats, receivers=_limiter(s, "receive"),
+            wait_time_seconds=s.wait_time_seconds, visibility_timeout=s.visibility_timeout, outage=outage,
         )
         how = Decoding(envelope=s.envelope, max_decoded_bytes=p.max_decoded_bytes, max_events=p.max_events_per_message)
         workers = p.transform_workers if p.transform_workers != "auto" else default_workers(p.processes)
@@ -110,7 +112,8 @@ async def run(
             pool, table, rows, acks, stats, batch_size=p.batch_size, batch_timeout=p.batch_timeout,
             concurrency=p.write_concurrency, write_method=settings.postgres.write_method,
         )
-        acker = rt.acker = Acker(client, s.queue_url, s.dlq_url, acks, leases, stats, _limiter(s, "delete"))
+        acker = rt.acker = Acker(client, s.queue_url, s.dlq_url, acks, leases, stats, _limiter(s, "delete"),
+                                 outage=outage)
         acker.limit.follows = source.limit  # acks keep up with receives: deletes may grow to the receive limit
         heartbeat = Heartbeat(client, s.queue_url, leases, stats, s.visibility_timeout or 30)
 

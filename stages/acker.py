@@ -33,7 +33,8 @@ from .message import (
     CONTENT_ENCODING, DL_REASON, DL_RULE, DL_SOURCE_EVENT_INDEX, DL_SOURCE_ID, DL_SOURCE_QUEUE, DL_SOURCE_SENT, origin,
 )
 from .parts import Item, body_of, event_index, key_of, log_id, settle, source_of
-from .sqs import RETRYABLE, Fault, chunks, classify, classify_entry, error_code, is_fifo, send_batches
+from .outage import Outage
+from .sqs import RETRYABLE, Fault, chunks, classify, classify_entry, error_code, is_fifo, send_batches, unanswered
 from .stats import Stats
 from .leases import Leases
 
@@ -81,10 +82,11 @@ class Acker:
     def __init__(
         self, client: Any, queue_url: str, dlq_url: str, inbox: asyncio.Queue, leases: Leases,
         stats: Stats, concurrency: int | Limiter, *, dead_letter_lanes: int = DEAD_LETTER_LANES,
-        dead_letter_attempts: int = DEAD_LETTER_ATTEMPTS,
+        dead_letter_attempts: int = DEAD_LETTER_ATTEMPTS, outage: Outage | None = None,
     ) -> None:
         self.client, self.queue_url, self.dlq_url = client, queue_url, dlq_url
         self.inbox, self.leases, self.stats = inbox, leases, stats
+        self.outage = outage or Outage("sqs", stats)  # shared with the source in a run: one outage, one backoff
         self.fifo = is_fifo(queue_url)
         self.dead_letter_attempts = dead_letter_attempts
         self.refused: dict[str, str] = {}  # message id -> SQS error code of its last refused dead letter
@@ -144,16 +146,22 @@ class Acker:
         that almost never retries.
         """
         pending = {str(i): m["ReceiptHandle"] for i, m in enumerate(msgs)}
-        limit, clock, stats, leases = self.limit, time.monotonic, self.stats, self.leases
+        limit, clock, stats, leases, outage = self.limit, time.monotonic, self.stats, self.leases, self.outage
         attempt = 0
         while True:
             attempt += 1
+            step = await outage.admit()
             t0 = clock()
             try:
                 resp = await self.client.delete_message_batch(
                     QueueUrl=self.queue_url, Entries=[{"Id": i, "ReceiptHandle": h} for i, h in pending.items()])
             except RETRYABLE as exc:
                 limit.observe(clock() - t0, failed=True)
+                if unanswered(exc):  # SQS is out of reach: the shared outage paces the retry
+                    outage.failed(step)
+                    events.sqs_call_failed(stats, "DeleteMessageBatch", exc, Fault.TRANSIENT, attempt=attempt)
+                    continue
+                outage.answered()
                 if classify(exc) is not Fault.TRANSIENT:  # permanent: the queue is gone or the request refused
                     events.sqs_call_failed(stats, "DeleteMessageBatch", exc, Fault.PERMANENT)
                     leases.drop(list(pending.values()))
@@ -162,6 +170,8 @@ class Acker:
                 await asyncio.sleep(backoff.delay(attempt))
                 continue
             rtt = clock() - t0
+            if outage.step:
+                outage.answered()
             stats.rtt["DeleteMessageBatch"].observe(rtt)
             done = [pending.pop(e["Id"]) for e in resp.get("Successful", ())]
             stats.acked += len(done)
@@ -235,14 +245,19 @@ class Acker:
         """Send ``chunk`` to the DLQ with bounded attempts; delete what was sent, give back the rest."""
         pending = {str(i): d for i, d in enumerate(chunk)}
         entries = {i: self._dead_entry(int(i), *d) for i, d in pending.items()}
-        attempt = 0
+        attempt, outage = 0, self.outage
         while pending:
             attempt += 1
+            step = await outage.admit()
             try:
                 resp = await self.client.send_message_batch(QueueUrl=self.dlq_url, Entries=[entries[i] for i in pending])
             except RETRYABLE as exc:
-                fault = classify(exc)
+                fault, reached = classify(exc), not unanswered(exc)
                 events.sqs_call_failed(self.stats, "SendMessageBatch", exc, fault, queue="dlq", attempt=attempt)
+                if reached:
+                    outage.answered()
+                else:
+                    outage.failed(step)
                 match fault:
                     case Fault.PERMANENT:
                         self._refuse(list(pending.values()), error_code(exc))
@@ -251,8 +266,10 @@ class Acker:
                         if attempt >= self.dead_letter_attempts:
                             self._give_back(list(pending.values()), exc)
                             return
-                await asyncio.sleep(backoff.delay(attempt))
+                if reached:  # out of reach, the shared outage paces the retry; else this backs off alone
+                    await asyncio.sleep(backoff.delay(attempt))
                 continue
+            outage.answered()
             sent = [pending.pop(ok["Id"]) for ok in resp.get("Successful", ()) if ok["Id"] in pending]
             if sent:
                 await self._dead_lettered(sent)

@@ -14,7 +14,8 @@ from .stats import Stats
 
 __all__ = [
     "db_write_failed", "row_left_for_redelivery", "row_rejected_by_database", "sqs_call_failed", "dead_lettered", "dead_letter_refused", "dead_letters_given_up", "delete_failed_for_good",
-    "concurrency_changed", "copy_met_stored_key", "transform_workers_failed",
+    "concurrency_changed", "copy_met_stored_key", "transform_workers_failed", "dependency_unreachable",
+    "dependency_reachable",
 ]
 
 _sqs = logging.getLogger("pipeline.sqs")
@@ -22,6 +23,7 @@ _sink = logging.getLogger("pipeline.sink")
 _acker = logging.getLogger("pipeline.acker")
 _concurrency = logging.getLogger("pipeline.concurrency")
 _transform = logging.getLogger("pipeline.transform")
+_outage = logging.getLogger("pipeline.outage")
 
 
 def sqs_call_failed(stats: Stats, op: str, exc: BaseException, fault: Fault, **extra: object) -> None:
@@ -95,3 +97,17 @@ def transform_workers_failed(stats: Stats) -> None:
     stats.errors["transform_workers"] += 1
     _transform.error("a transform worker process died; this batch is transformed in the pipeline's own process "
                      "and a new worker pool starts with the next")
+
+
+def dependency_unreachable(stats: Stats, dependency: str) -> None:
+    """A call got no response at all: calls now wait for one probe per backoff step (``stages.outage``)."""
+    stats.outages[dependency] += 1
+    stats.unreachable.add(dependency)
+    _outage.warning("dependency unreachable; one call per backoff step probes it, the others wait",
+                    extra={"dependency": dependency})
+
+
+def dependency_reachable(stats: Stats, dependency: str, down_s: float, failed_probes: int) -> None:
+    stats.unreachable.discard(dependency)
+    _outage.info("dependency reachable again", extra={
+        "dependency": dependency, "down_s": round(down_s, 2), "failed_probes": failed_probes})

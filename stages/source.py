@@ -19,7 +19,8 @@ from . import backoff, events
 from .concurrency import Limiter, tracked
 from .leases import Leases
 from .message import RECEIVED_ATTRIBUTES
-from .sqs import RETRYABLE, classify
+from .outage import Outage
+from .sqs import RETRYABLE, classify, unanswered
 from .stats import Stats
 
 __all__ = ["SqsSource"]
@@ -30,10 +31,11 @@ log = logging.getLogger("pipeline.source")
 class SqsSource:
     def __init__(
         self, client: Any, queue_url: str, outbox: asyncio.Queue, leases: Leases, stats: Stats, *,
-        receivers: int | Limiter, wait_time_seconds: int, visibility_timeout: int = 0,
+        receivers: int | Limiter, wait_time_seconds: int, visibility_timeout: int = 0, outage: Outage | None = None,
     ) -> None:
         self.client, self.queue_url, self.outbox = client, queue_url, outbox
         self.leases, self.stats = leases, stats
+        self.outage = outage or Outage("sqs", stats)  # shared with the acker in a run: one outage, one backoff
         self.limit = tracked("receive", stats, receivers)  # a plain number: pinned
         # A full call (10 messages) says there is more to fetch; the limit grows only while what
         # its calls would bring still fits under the in-flight cap next to what is held.
@@ -86,11 +88,12 @@ class SqsSource:
     async def _poll(self, n: int) -> None:
         receive, request, leases, outbox = self.client.receive_message, self._request, self.leases, self.outbox
         limit, observe_rtt, clock = self.limit, self.stats.rtt["ReceiveMessage"].observe, time.monotonic
-        polling = self._polling
+        polling, outage = self._polling, self.outage
         failures = 0
         while not self._stopping:
             await limit.acquire()
             try:
+                step = await outage.admit()
                 if leases.full(10):
                     limit.congested()
                 await leases.reserve(10)
@@ -103,6 +106,11 @@ class SqsSource:
                     leases.unreserve(10)
                     polling.discard(n)
                     self.last_poll_ok = False
+                    if unanswered(exc):  # SQS is out of reach: the shared outage paces every caller
+                        outage.failed(step)
+                        events.sqs_call_failed(self.stats, "ReceiveMessage", exc, classify(exc), receiver=n)
+                        continue
+                    outage.answered()
                     failures += 1
                     sleep = backoff.delay(failures)
                     events.sqs_call_failed(self.stats, "ReceiveMessage", exc, classify(exc), receiver=n,
@@ -116,6 +124,8 @@ class SqsSource:
                     raise
                 rtt = clock() - t0
                 leases.unreserve(10)
+                if outage.step:
+                    outage.answered()
                 failures = 0
                 self.last_poll_ok = True
                 msgs = resp.get("Messages")

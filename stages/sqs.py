@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 
 __all__ = [
-    "Fault", "classify", "classify_entry", "error_code", "describe", "RETRYABLE", "PERMANENT_CODES",
+    "Fault", "classify", "classify_entry", "unanswered", "error_code", "describe", "RETRYABLE", "PERMANENT_CODES",
     "TRANSIENT_CODES", "chunks", "send_batches", "is_fifo", "derived_dlq_url", "queue_name",
     "SEND_BATCH_BYTES", "MAX_BATCH",
 ]
@@ -84,6 +84,15 @@ def classify(exc: BaseException) -> Fault:
         if code not in TRANSIENT_CODES and 400 <= status < 500 and status not in (408, 429):
             return Fault.PERMANENT  # an unlisted sender fault
     return Fault.TRANSIENT  # the network, timeouts, throttling, 5xx
+
+
+def unanswered(exc: BaseException) -> bool:
+    """Whether a failed call got no response at all (the network, a timeout): the endpoint, not the request.
+
+    A response of any kind, even a refusal, proves SQS reachable; a ``ParamValidationError`` was
+    never sent. ``stages.outage`` holds every caller back on these, and only on these.
+    """
+    return not isinstance(exc, (ClientError, ParamValidationError))
 
 
 def classify_entry(failed: dict[str, Any]) -> Fault:

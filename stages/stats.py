@@ -65,6 +65,8 @@ class Stats:
     batches: int = 0
     rejected_by_rule: Counter = field(default_factory=Counter)
     errors: Counter = field(default_factory=Counter)  # by dependency: sqs, postgres
+    outages: Counter = field(default_factory=Counter)  # by dependency: times it became unreachable (stages.outage)
+    unreachable: set = field(default_factory=set)  # dependencies unreachable now
     # Dead letters SQS refused for good (by error code): left on the source queue, never deleted.
     dead_letters_refused: Counter = field(default_factory=Counter)
     dead_letter_retries_exhausted: int = 0  # transient DLQ failures given up on: the message comes back
@@ -119,6 +121,7 @@ class Stats:
             "dead_letters_refused": dict(self.dead_letters_refused),
             "dead_letter_retries_exhausted": self.dead_letter_retries_exhausted,
             "errors": dict(self.errors),
+            "outages": dict(self.outages),
             "elapsed_s": round(elapsed, 3),
             "rate_per_s": round(self.inserted / elapsed, 1) if elapsed > 0 else 0.0,
         }

@@ -6,11 +6,11 @@ import asyncio
 
 import asyncpg
 import pytest
-from botocore.exceptions import EndpointConnectionError, ParamValidationError, ReadTimeoutError
+from botocore.exceptions import ConnectionClosedError, EndpointConnectionError, ParamValidationError, ReadTimeoutError
 
 from stages.pgerrors import PgFault
 from stages.pgerrors import classify as pg_classify
-from stages.sqs import Fault, classify, classify_entry
+from stages.sqs import Fault, classify, classify_entry, unanswered
 from tests.sqs_fake import client_error, failed_entry
 
 SQS_CASES = [
@@ -39,6 +39,25 @@ SQS_CASES = [
 @pytest.mark.parametrize(("exc", "fault"), SQS_CASES, ids=lambda v: getattr(v, "name", type(v).__name__))
 def test_sqs_classify(exc: BaseException, fault: Fault) -> None:
     assert classify(exc) is fault
+
+
+# Whether SQS answered at all: only a call without any response holds every caller back (stages.outage).
+UNANSWERED_CASES = [
+    (EndpointConnectionError(endpoint_url="http://x"), True),
+    (ReadTimeoutError(endpoint_url="http://x"), True),
+    (ConnectionClosedError(endpoint_url="http://x"), True),
+    (OSError("reset"), True),
+    (asyncio.TimeoutError(), True),
+    (client_error("ServiceUnavailable", status=503), False),  # a response: the server is there
+    (client_error("ThrottlingException", status=400), False),
+    (client_error("QueueDoesNotExist"), False),
+    (ParamValidationError(report="bad"), False),  # never sent
+]
+
+
+@pytest.mark.parametrize(("exc", "expected"), UNANSWERED_CASES, ids=lambda v: getattr(v, "name", type(v).__name__))
+def test_sqs_unanswered(exc: BaseException, expected: bool) -> None:
+    assert unanswered(exc) is expected
 
 
 @pytest.mark.parametrize(("entry", "fault"), [
