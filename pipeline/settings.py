@@ -31,6 +31,8 @@ class ConfigError(Exception):
 
 
 # Every AWS partition's region names: us-east-1, eu-central-2, us-gov-west-1, cn-north-1, ...
+# 63-byte identifiers less the longest suffix a derived name adds (``_create_date_message_id_key``).
+TABLE_NAME_MAX = 63 - len("_create_date_message_id_key")
 _REGION = re.compile(r"[a-z]{2}(-[a-z]+)+-\d{1,2}")
 
 
@@ -147,7 +149,9 @@ class SqsSettings(_Section):
 class PostgresSettings(_Section):
     dsn: SecretStr = Field(SecretStr(""), description=(
         "libpq URI; empty = embedded PostgreSQL. Passwords are redacted wherever printed"))
-    table: str = Field("user_logins", description="target table")
+    table: str = Field("user_logins", description=(
+        f"target table: a plain SQL identifier of at most {TABLE_NAME_MAX} characters, so that the names derived "
+        "from it (monthly partitions, indexes) fit PostgreSQL's 63-byte identifiers"))
     pool_size: int = Field(4, ge=2, le=64, description="asyncpg pool size")
     write_method: Literal["auto", "upsert"] = Field("auto", description=(
         "how a batch is written: `auto` COPYs straight into the table and, when a batch meets a row already "
@@ -199,8 +203,14 @@ class PostgresSettings(_Section):
     @field_validator("table")
     @classmethod
     def _identifier(cls, v: str) -> str:
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,62}", v):
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v):
             raise ValueError("must be a plain SQL identifier")
+        if len(v) > TABLE_NAME_MAX:
+            # PostgreSQL cuts longer names to 63 bytes with only a NOTICE: two months' partitions
+            # would get one name, and the second CREATE would fail or be skipped.
+            raise ValueError(f"at most {TABLE_NAME_MAX} characters: the names derived from it (partitions "
+                             f"<table>_YYYY_MM, <table>_create_date_message_id_key, ...) must fit PostgreSQL's "
+                             f"63-byte identifiers")
         return v
 
 
