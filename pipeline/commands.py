@@ -142,8 +142,12 @@ async def keygen_command(settings: Settings, args: argparse.Namespace) -> int:
 
 def redrive_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max", type=int, metavar="N", help="move at most N messages (default: all)")
+    p.add_argument("--trust-unsigned-notes", action="store_true", help=(
+        "promote the identity noted on dead letters that carry no source_signature (written by a version before "
+        "it signed them); only if nobody but the pipeline can send to the DLQ"))
 
 
 async def redrive_command(settings: Settings, args: argparse.Namespace) -> int:
-    print(orjson.dumps(await redrive(settings, limit=args.max)).decode())
+    summary = await redrive(settings, limit=args.max, trust_unsigned_notes=args.trust_unsigned_notes)
+    print(orjson.dumps(summary).decode())
     return 0

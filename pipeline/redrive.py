@@ -11,6 +11,12 @@ sets one, and it signs it (``origin_signature``) with the active key of the mask
 which is why it loads the ring like ``run`` does. The transformer dead-letters origin
 attributes that do not verify.
 
+The identity a dead letter notes (``source_*``) is promoted only if the acker's
+``source_signature`` over it verifies: a note anyone with ``SendMessage`` on the DLQ wrote
+would otherwise choose the id (and so the duplicates) and the date of a row. A dead letter
+whose note does not verify is put back under its own id and time, like a fresh event, and
+counted in ``notes_not_trusted``.
+
 Only dead letters that were in the DLQ when the command started are moved: one that is
 rejected again while redrive runs is left for the next redrive instead of going round in
 a loop.
@@ -18,6 +24,7 @@ a loop.
 
 from __future__ import annotations
 
+import enum
 import logging
 import time
 from collections import Counter
@@ -26,9 +33,8 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 from stages.message import (
-    DEAD_LETTER_ATTRIBUTES, DL_RULE, DL_SOURCE_EVENT_INDEX, DL_SOURCE_ID, DL_SOURCE_SENT, ORIGIN_ATTRIBUTES, ORIGIN_ID,
-    ORIGIN_SENT,
-    ORIGIN_SIG, OriginAuth, has_origin, origin, valid_sent,
+    DEAD_LETTER_ATTRIBUTES, DL_RULE, DL_SOURCE_EVENT_INDEX, DL_SOURCE_ID, DL_SOURCE_SENT, DL_SOURCE_SIG,
+    ORIGIN_ATTRIBUTES, ORIGIN_ID, ORIGIN_SENT, ORIGIN_SIG, OriginAuth, has_origin, origin, valid_sent,
 )
 from stages.sqs import describe as _describe, send_batches
 
@@ -44,27 +50,52 @@ log = logging.getLogger("pipeline.redrive")
 _HIDE_S = 60  # how long a received dead letter stays hidden while it is being moved
 
 
-def _identity(msg: dict, auth: OriginAuth) -> tuple[str, str]:
-    """The event a dead letter stands for: the acker's ``source_*`` notes (written from a verified
-    origin or the message's own id), else a verified origin (a message an SQS redrive policy moved
-    with its attributes), else the DLQ message's own id and time. Unverified origin attributes are
-    never promoted to a signed identity. The dead letter of one event of a multi-event message
-    (``source_event_index``) stands for ``<source id>:<index>``, the key its row would have had."""
+class Notes(enum.Enum):
+    """What redrive made of the identity a dead letter notes."""
+
+    NONE = "none"  # no notes: not written by the acker
+    SIGNED = "signed"  # the acker's signature verifies: promoted
+    UNSIGNED_TRUSTED = "unsigned_trusted"  # no signature, and --trust-unsigned-notes: promoted
+    NOT_TRUSTED = "not_trusted"  # unsigned, or a signature that does not verify: ignored
+
+
+def _noted(msg: dict, auth: OriginAuth, trust_unsigned: bool) -> tuple[Notes, str, str]:
+    """The identity the acker noted on ``msg`` (``<source id>[:<index>]``, send time) and whether it holds."""
     attrs = msg.get("MessageAttributes") or {}
     src_id = (attrs.get(DL_SOURCE_ID) or {}).get("StringValue")
     src_sent = (attrs.get(DL_SOURCE_SENT) or {}).get("StringValue")
-    if src_id and valid_sent(src_sent):
-        index = (attrs.get(DL_SOURCE_EVENT_INDEX) or {}).get("StringValue")
-        if index and index.isdecimal() and len(index) <= 9:
-            return f"{src_id}:{int(index)}", src_sent  # type: ignore[return-value]
-        return src_id, src_sent  # type: ignore[return-value]
+    sig = (attrs.get(DL_SOURCE_SIG) or {}).get("StringValue")
+    if not src_id or not valid_sent(src_sent):
+        return (Notes.NOT_TRUSTED if sig else Notes.NONE), "", ""
+    index = (attrs.get(DL_SOURCE_EVENT_INDEX) or {}).get("StringValue")
+    mid = f"{src_id}:{int(index)}" if index and index.isdecimal() and len(index) <= 9 else src_id
+    if not sig:
+        return (Notes.UNSIGNED_TRUSTED if trust_unsigned else Notes.NOT_TRUSTED), mid, src_sent  # type: ignore[return-value]
+    if auth.mismatch(mid, src_sent, msg["Body"], sig, DL_SOURCE_SIG) is None:  # type: ignore[arg-type]
+        return Notes.SIGNED, mid, src_sent  # type: ignore[return-value]
+    return Notes.NOT_TRUSTED, mid, src_sent  # type: ignore[return-value]
+
+
+def _identity(msg: dict, auth: OriginAuth, trust_unsigned: bool = False) -> tuple[Notes, str, str]:
+    """The event a dead letter stands for: the acker's ``source_*`` notes if they verify (written
+    from a verified origin or the message's own id), else a verified origin (a message an SQS
+    redrive policy moved with its attributes), else the DLQ message's own id and time. Unverified
+    notes or origin attributes are never promoted to a signed identity. The dead letter of one
+    event of a multi-event message (``source_event_index``) stands for ``<source id>:<index>``,
+    the key its row would have had."""
+    notes, mid, sent = _noted(msg, auth, trust_unsigned)
+    match notes:
+        case Notes.SIGNED | Notes.UNSIGNED_TRUSTED:
+            return notes, mid, sent
+        case Notes.NONE | Notes.NOT_TRUSTED:
+            pass
     if has_origin(msg) and auth.problem(msg) is None:
-        mid, sent = origin(msg)
-        return mid, str(sent)
-    return msg["MessageId"], str(msg["Attributes"]["SentTimestamp"])
+        o_mid, o_sent = origin(msg)
+        return notes, o_mid, str(o_sent)
+    return notes, msg["MessageId"], str(msg["Attributes"]["SentTimestamp"])
 
 
-def _entry(i: int, msg: dict, auth: OriginAuth) -> dict:
+def _entry(i: int, msg: dict, auth: OriginAuth, trust_unsigned: bool = False, untrusted: list[str] | None = None) -> dict:
     """The source-queue copy of a dead letter: original body, the event's signed identity, no rejection notes."""
     attrs = msg.get("MessageAttributes") or {}
     keep = {
@@ -72,14 +103,17 @@ def _entry(i: int, msg: dict, auth: OriginAuth) -> dict:
         for name, value in attrs.items()
         if name not in DEAD_LETTER_ATTRIBUTES and name not in ORIGIN_ATTRIBUTES
     }
-    mid, sent = _identity(msg, auth)
+    notes, mid, sent = _identity(msg, auth, trust_unsigned)
+    if notes is Notes.NOT_TRUSTED and untrusted is not None:
+        untrusted.append(msg["MessageId"])
     keep[ORIGIN_ID] = {"DataType": "String", "StringValue": mid}
     keep[ORIGIN_SENT] = {"DataType": "Number", "StringValue": sent}
     keep[ORIGIN_SIG] = {"DataType": "String", "StringValue": auth.sign(mid, sent, msg["Body"])}
     return {"Id": str(i), "MessageBody": msg["Body"], "MessageAttributes": keep}
 
 
-async def redrive(settings: Settings, *, limit: int | None = None, wait_seconds: int = 2) -> dict:
+async def redrive(settings: Settings, *, limit: int | None = None, wait_seconds: int = 2,
+                  trust_unsigned_notes: bool = False) -> dict:
     """Move up to ``limit`` dead letters (default: all) back to the source queue; return a summary."""
     s = settings.sqs
     if settings.embedded_sqs:
@@ -87,6 +121,7 @@ async def redrive(settings: Settings, *, limit: int | None = None, wait_seconds:
     auth = (await masker_for(with_local_key(settings))).origin_auth  # before touching the DLQ: no key, no move
     started_ms = int(time.time() * 1000)
     moved, failed, later = 0, 0, 0
+    untrusted: list[str] = []  # DLQ message ids whose noted identity did not verify: put back under their own
     by_rule: Counter = Counter()
     async with sqs_client(settings) as client:
         await check_queues(client, settings)
@@ -103,7 +138,8 @@ async def redrive(settings: Settings, *, limit: int | None = None, wait_seconds:
                 fresh = [m for m in msgs if int(m["Attributes"]["SentTimestamp"]) <= started_ms]
                 later += len(msgs) - len(fresh)  # dead-lettered after we started: they reappear later
                 for chunk in send_batches(fresh, lambda m: m["Body"]):
-                    sent = await _move(client, s.queue_url, s.dlq_url, chunk, auth)
+                    entries = [_entry(i, m, auth, trust_unsigned_notes, untrusted) for i, m in enumerate(chunk)]
+                    sent = await _move(client, s.queue_url, s.dlq_url, chunk, entries)
                     moved += len(sent)
                     failed += len(chunk) - len(sent)
                     for m in sent:
@@ -111,15 +147,17 @@ async def redrive(settings: Settings, *, limit: int | None = None, wait_seconds:
         except (BotoCoreError, ClientError) as exc:
             raise RuntimeError(f"redrive stopped after moving {moved}: {_describe(exc)}") from None
     summary = {"moved": moved, "failed": failed, "left_for_later": later, "by_rule": dict(by_rule),
-               "from": s.dlq_url, "to": s.queue_url}
+               "notes_not_trusted": len(untrusted), "from": s.dlq_url, "to": s.queue_url}
+    if untrusted:
+        log.warning("dead letters whose noted identity did not verify were put back under their own id and time",
+                    extra={"messages": len(untrusted), "dlq_message_ids": untrusted[:20]})
     log.info("redrive done", extra=summary)
     return summary
 
 
-async def _move(client: Any, queue_url: str, dlq_url: str, chunk: list[dict], auth: OriginAuth) -> list[dict]:
-    """Send ``chunk`` to the source queue, then delete from the DLQ what was sent; return that."""
-    resp = await client.send_message_batch(
-        QueueUrl=queue_url, Entries=[_entry(i, m, auth) for i, m in enumerate(chunk)])
+async def _move(client: Any, queue_url: str, dlq_url: str, chunk: list[dict], entries: list[dict]) -> list[dict]:
+    """Send ``entries`` (``chunk`` as source-queue copies) to the source queue, then delete from the DLQ what was sent."""
+    resp = await client.send_message_batch(QueueUrl=queue_url, Entries=entries)
     for f in resp.get("Failed", ()):
         log.warning("redrive send failed; the dead letter stays", extra={"error": f.get("Code")})
     sent = [chunk[int(ok["Id"])] for ok in resp.get("Successful", ())]

@@ -113,7 +113,7 @@ async def run(
             concurrency=p.write_concurrency, write_method=settings.postgres.write_method,
         )
         acker = rt.acker = Acker(client, s.queue_url, s.dlq_url, acks, leases, stats, _limiter(s, "delete"),
-                                 outage=outage)
+                                 outage=outage, auth=masker.origin_auth)
         acker.limit.follows = source.limit  # acks keep up with receives: deletes may grow to the receive limit
         heartbeat = Heartbeat(client, s.queue_url, leases, stats, s.visibility_timeout or 30)
 

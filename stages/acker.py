@@ -30,7 +30,8 @@ from typing import Any, assert_never
 from . import backoff, events
 from .concurrency import Limiter, tracked
 from .message import (
-    CONTENT_ENCODING, DL_REASON, DL_RULE, DL_SOURCE_EVENT_INDEX, DL_SOURCE_ID, DL_SOURCE_QUEUE, DL_SOURCE_SENT, origin,
+    CONTENT_ENCODING, DL_REASON, DL_RULE, DL_SOURCE_EVENT_INDEX, DL_SOURCE_ID, DL_SOURCE_QUEUE, DL_SOURCE_SENT,
+    DL_SOURCE_SIG, OriginAuth, origin,
 )
 from .parts import Item, body_of, event_index, key_of, log_id, settle, source_of
 from .outage import Outage
@@ -82,11 +83,12 @@ class Acker:
     def __init__(
         self, client: Any, queue_url: str, dlq_url: str, inbox: asyncio.Queue, leases: Leases,
         stats: Stats, concurrency: int | Limiter, *, dead_letter_lanes: int = DEAD_LETTER_LANES,
-        dead_letter_attempts: int = DEAD_LETTER_ATTEMPTS, outage: Outage | None = None,
+        dead_letter_attempts: int = DEAD_LETTER_ATTEMPTS, outage: Outage | None = None, auth: OriginAuth | None = None,
     ) -> None:
         self.client, self.queue_url, self.dlq_url = client, queue_url, dlq_url
         self.inbox, self.leases, self.stats = inbox, leases, stats
         self.outage = outage or Outage("sqs", stats)  # shared with the source in a run: one outage, one backoff
+        self.auth = auth  # signs the identity a dead letter notes; without it, redrive will not trust the notes
         self.fifo = is_fifo(queue_url)
         self.dead_letter_attempts = dead_letter_attempts
         self.refused: dict[str, str] = {}  # message id -> SQS error code of its last refused dead letter
@@ -210,10 +212,12 @@ class Acker:
             for chunk in send_batches(entries, lambda d: body_of(d[0])):
                 await self._send_dead(chunk)
 
-    def _dead_attributes(self, item: Item, rule: str, reason: str) -> dict:
+    def _dead_attributes(self, item: Item, rule: str, reason: str, body: str) -> dict:
         """Why, and which event: ``redrive`` turns the source id and time (and event index) back into the row's identity.
 
-        ``origin(msg)`` is safe here: the transformer has stripped origin attributes that do not authenticate.
+        ``origin(msg)`` is safe here: the transformer has stripped origin attributes that do not
+        authenticate. The notes are signed with the body, so redrive can tell them from a note
+        that someone with access to the DLQ wrote.
         """
         msg = source_of(item)
         mid, sent = origin(msg)
@@ -230,11 +234,13 @@ class Acker:
         elif CONTENT_ENCODING in (msg.get("MessageAttributes") or {}):  # the whole body, still encoded
             attrs[CONTENT_ENCODING] = {"DataType": "String",
                                        "StringValue": msg["MessageAttributes"][CONTENT_ENCODING].get("StringValue", "")}
+        if self.auth is not None and mid:
+            attrs[DL_SOURCE_SIG] = {"DataType": "String", "StringValue": self.auth.sign(key_of(item), sent, body)}
         return attrs
 
     def _dead_entry(self, i: int, item: Item, rule: str, reason: str) -> dict:
-        entry = {"Id": str(i), "MessageBody": body_of(item),
-                 "MessageAttributes": self._dead_attributes(item, rule, reason)}
+        body = body_of(item)
+        entry = {"Id": str(i), "MessageBody": body, "MessageAttributes": self._dead_attributes(item, rule, reason, body)}
         if self.fifo:  # keep the group, so the DLQ holds a group's dead letters in their order
             entry["MessageGroupId"] = (source_of(item).get("Attributes") or {}).get("MessageGroupId") or "dead-letters"
             # One dead letter per event: a resend after a crash is dropped by the DLQ's deduplication.

@@ -11,7 +11,12 @@ Two families of attributes cross the queues:
   backdate them. Only redrive holds the key ring, so only redrive can sign an identity, and
   the transformer dead-letters any origin attribute that does not authenticate.
 - **dead letter** (``reason``, ``rule``, ``source_*``): what the acker writes on a DLQ entry;
-  ``source_event_index`` marks the dead letter of one event of a multi-event message.
+  ``source_event_index`` marks the dead letter of one event of a multi-event message. The
+  identity it notes (``source_message_id``, ``source_sent_timestamp``, the index) becomes a
+  signed origin at the next redrive, so it is a trust boundary too: the acker signs it
+  (``source_signature``, the same MAC over the identity and the dead letter's body), and
+  redrive promotes only notes that verify. A producer that can send to the DLQ cannot choose
+  the identity its message will be stored under.
 
 The signature is HMAC-SHA-256 under a subkey derived with HKDF from each masking key (the
 AES-SIV key bytes are never used for anything else), over the key id, the origin id, the
@@ -33,7 +38,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 __all__ = [
     "ORIGIN_ID", "ORIGIN_SENT", "ORIGIN_SIG", "ORIGIN_ATTRIBUTES", "UNAUTHENTICATED",
-    "DL_REASON", "DL_RULE", "DL_SOURCE_ID", "DL_SOURCE_SENT", "DL_SOURCE_QUEUE", "DL_SOURCE_EVENT_INDEX",
+    "DL_REASON", "DL_RULE", "DL_SOURCE_ID", "DL_SOURCE_SENT", "DL_SOURCE_QUEUE", "DL_SOURCE_EVENT_INDEX", "DL_SOURCE_SIG",
     "DEAD_LETTER_ATTRIBUTES", "CONTENT_ENCODING", "RECEIVED_ATTRIBUTES",
     "origin", "has_origin", "strip_origin", "valid_sent", "OriginAuth",
 ]
@@ -56,8 +61,10 @@ DL_REASON, DL_RULE, DL_SOURCE_QUEUE = "reason", "rule", "source_queue"
 DL_SOURCE_ID, DL_SOURCE_SENT = "source_message_id", "source_sent_timestamp"
 # On the dead letter of one event of a multi-event message: its index, so redrive restores `<source id>:<index>`.
 DL_SOURCE_EVENT_INDEX = "source_event_index"
+# The acker's MAC over the noted identity (``<source id>`` or ``<source id>:<index>``), time and body.
+DL_SOURCE_SIG = "source_signature"
 DEAD_LETTER_ATTRIBUTES = frozenset((DL_REASON, DL_RULE, DL_SOURCE_ID, DL_SOURCE_SENT, DL_SOURCE_QUEUE,
-                                    DL_SOURCE_EVENT_INDEX))
+                                    DL_SOURCE_EVENT_INDEX, DL_SOURCE_SIG))
 
 # Set by producers: `gzip` says the body (or SNS Message) is base64 of gzip data (stages.decode).
 CONTENT_ENCODING = "content-encoding"
@@ -159,12 +166,16 @@ class OriginAuth:
             return f"origin: {ORIGIN_ID} is missing or empty"
         if not valid_sent(sent):
             return f"origin: {ORIGIN_SENT} is not a send time in milliseconds"
+        return self.mismatch(mid, sent, msg["Body"], sig, ORIGIN_SIG)  # type: ignore[arg-type]
+
+    def mismatch(self, mid: str, sent: str, body: str | bytes, sig: str, name: str) -> str | None:
+        """Why ``sig`` (the attribute ``name``) does not sign this identity and body, or None if it does."""
         key_id, dot, given = sig.partition(".")
         if not dot or not given:
-            return f"origin: {ORIGIN_SIG} is malformed (expected '<key id>.<base64url>')"
+            return f"origin: {name} is malformed (expected '<key id>.<base64url>')"
         if key_id not in self._keys:
-            return f"origin: {ORIGIN_SIG} names a key id that is not in the key ring"
-        expected = self._mac(key_id, mid, sent, msg["Body"])  # type: ignore[arg-type]
+            return f"origin: {name} names a key id that is not in the key ring"
+        expected = self._mac(key_id, mid, sent, body)
         if not hmac.compare_digest(expected.encode(), given.encode("utf-8", "surrogatepass")):
-            return f"origin: {ORIGIN_SIG} does not match the identity and body"
+            return f"origin: {name} does not match the identity and body"
         return None

@@ -94,3 +94,43 @@ def test_forged_origins_never_collapse_events_nor_backdate_rows_and_redrive_rest
     yesterday = dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)
     assert all(r["create_date"] >= yesterday for r in rows)  # nothing backdated
     assert drain(queues.client, queues.dlq_url) == []
+
+
+def test_forged_dead_letter_notes_never_choose_an_identity_at_redrive(queues, pg_dsn: str) -> None:  # type: ignore[no-untyped-def]
+    """Whoever can send to the DLQ writes a note naming the victim's id and 1970: redrive ignores it."""
+    env = pipeline_env(queues, pg_dsn, KEY)
+    bodies = sample_bodies(5, seed=58)
+    victim_body, forged_bodies = bodies[0], bodies[1:]
+    victim = queues.client.send_message(QueueUrl=queues.queue_url, MessageBody=victim_body)["MessageId"]
+    first, _ = _cli(env, "run", "--until-empty")
+    assert first["inserted"] == 1, first
+
+    def note(sig: str | None, index: str | None = None) -> dict:
+        out = {"source_message_id": victim, "source_sent_timestamp": "0", "rule": "body.json", "reason": "forged"}
+        if index is not None:
+            out["source_event_index"] = index
+        if sig is not None:
+            out["source_signature"] = sig
+        return {k: {"DataType": "Number" if k in ("source_sent_timestamp", "source_event_index") else "String",
+                    "StringValue": v} for k, v in out.items()}
+
+    b, c, d, e = forged_bodies
+    forged = [
+        (b, note(None)),  # an unsigned note
+        (c, note("origin.FORGEDSIGNATUREFORGEDSIGNATUREFORGEDSIG")),  # a made-up signature
+        (d, note(AUTH.sign(victim, "0", victim_body))),  # a genuine signature of another body
+        (e, note(AUTH.sign(victim, "0", e), index="3")),  # a genuine signature, moved to another event index
+    ]
+    own_ids = [queues.client.send_message(QueueUrl=queues.dlq_url, MessageBody=body, MessageAttributes=attrs)["MessageId"]
+               for body, attrs in forged]
+
+    moved, logs = _cli(env, "redrive")
+    assert moved["moved"] == 4 and moved["notes_not_trusted"] == 4, moved
+    assert "FORGEDSIGNATURE" not in logs
+    second, _ = _cli(env, "run", "--until-empty")
+    assert second["inserted"] == 4 and second["duplicates"] == 0 and second["rejected"] == 0, second
+    rows = fetch(pg_dsn, "SELECT message_id, user_id, create_date FROM user_logins")
+    assert sorted(r["message_id"] for r in rows) == sorted([victim, *own_ids])  # each under its own id
+    assert next(r for r in rows if r["message_id"] == victim)["user_id"] == orjson.loads(victim_body)["user_id"]
+    yesterday = dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)
+    assert all(r["create_date"] >= yesterday for r in rows)  # nothing backdated

@@ -61,6 +61,7 @@ async def test_redrive_after_a_fix_stores_each_event_once_under_its_original_id(
     assert partial["moved"] == 4 and partial["by_rule"] == {"db.23514": 4}
     rest = _redrive(env)
     assert rest["moved"] == len(refused) - 4 and rest["failed"] == 0
+    assert partial["notes_not_trusted"] == rest["notes_not_trusted"] == 0  # the acker signed every note
     assert queue_counts(queues.client, queues.dlq_url) == (0, 0)
 
     # On the source queue: the original body and identity, not the rejection notes.

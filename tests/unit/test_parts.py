@@ -10,6 +10,7 @@ import orjson
 import pytest
 
 from pipeline.harness.shapes import Shape, encode
+from pipeline.redrive import Notes, _identity
 from pipeline.sample import sample_bodies
 from stages import backoff
 from stages.acker import Acker, Committed, DeadLetter, Redeliver
@@ -88,7 +89,7 @@ def test_settle_counts_down_and_keeps() -> None:
 async def run_acker(sqs: FakeSqs, outcomes: list[Any], held: list[dict], *, queue: str = "q") -> tuple[Acker, Stats, Leases]:
     stats, leases, inbox = Stats(), Leases(10_000), asyncio.Queue()
     leases.add(held)
-    acker = Acker(sqs, queue, "dlq", inbox, leases, stats, 2)
+    acker = Acker(sqs, queue, "dlq", inbox, leases, stats, 2, auth=MASKER.origin_auth)
     for o in outcomes:
         inbox.put_nowait(o)
     inbox.put_nowait(None)
@@ -116,6 +117,11 @@ async def test_message_is_deleted_only_after_its_last_event_is_committed_or_dead
     attrs = {k: v["StringValue"] for k, v in entry["MessageAttributes"].items()}
     assert entry["MessageBody"] == "42" and attrs["source_event_index"] == "1" and attrs["source_message_id"] == "m-0"
     assert attrs["rule"] == "body.type" and stats.rejected == 1
+    # The note is signed with the event's body: redrive promotes it, and no other body or index.
+    as_received = {"MessageId": "dlq-1", "Body": entry["MessageBody"], "Attributes": {"SentTimestamp": "1"},
+                   "MessageAttributes": entry["MessageAttributes"]}
+    assert _identity(as_received, MASKER.origin_auth) == (Notes.SIGNED, "m-0:1", attrs["source_sent_timestamp"])
+    assert _identity({**as_received, "Body": "43"}, MASKER.origin_auth)[0] is Notes.NOT_TRUSTED
 
 
 async def test_a_redelivered_event_keeps_its_message() -> None:
