@@ -64,7 +64,7 @@ class StatsCollector(Collector):
         down = GaugeMetricFamily("pipeline_dependency_unreachable",
                                  "1 while a dependency answers no call (one probe per backoff step goes).",
                                  labels=["dependency"])
-        for dep in sorted({"sqs", *s.outages}):
+        for dep in sorted({"sqs", "postgres", *s.outages}):
             outages.add_metric([dep], s.outages.get(dep, 0))
             down.add_metric([dep], 1 if dep in s.unreachable else 0)
         yield outages

@@ -19,7 +19,7 @@ import enum
 
 import asyncpg
 
-__all__ = ["PgFault", "classify", "sqlstate"]
+__all__ = ["PgFault", "classify", "sqlstate", "unanswered"]
 
 
 class PgFault(enum.Enum):
@@ -55,3 +55,19 @@ def classify(exc: BaseException) -> PgFault:
     if isinstance(exc, (ValueError, TypeError)):  # the driver could not encode a value (e.g. a lone surrogate)
         return PgFault.SUSPECT
     return PgFault.FATAL
+
+
+# The server is going away or not there yet: admin/crash shutdown, starting up.
+_SERVER_GONE = frozenset(("57P01", "57P02", "57P03"))
+
+
+def unanswered(exc: BaseException) -> bool:
+    """Whether the server, not the statement, failed: no connection, a lost one, shutdown, start-up.
+
+    ``stages.outage`` holds every writer back on these, and only on these: a statement the
+    server answered with an error (a lock, a deadlock, a missing table) proves it reachable.
+    """
+    if isinstance(exc, asyncpg.PostgresError):
+        code = sqlstate(exc)
+        return code[:2] == "08" or code in _SERVER_GONE
+    return isinstance(exc, _CONNECTION_ERRORS)

@@ -36,7 +36,8 @@ from tenacity import AsyncRetrying, retry_if_exception
 from . import backoff, events
 from .acker import Committed, DeadLetter, Redeliver
 from .parts import log_id
-from .pgerrors import PgFault, classify, sqlstate
+from .outage import Outage
+from .pgerrors import PgFault, classify, sqlstate, unanswered
 from .stats import Stats
 from .transform import COLUMNS
 
@@ -49,6 +50,12 @@ UPSERT_AFTER_CONFLICT = 64  # batches written through the staged upsert after on
 
 def _is_transient(exc: BaseException) -> bool:
     return classify(exc) is PgFault.TRANSIENT
+
+
+def _wait(state: Any) -> float:
+    """No wait of its own after an unanswered attempt: the shared outage paces the next one."""
+    exc = state.outcome.exception()
+    return 0.0 if exc is not None and unanswered(exc) else backoff.wait(state)
 
 
 def upsert_sql(table: str) -> str:
@@ -74,6 +81,7 @@ class CopySink:
     def __init__(
         self, pool: asyncpg.Pool, table: str, inbox: asyncio.Queue, acker: asyncio.Queue, stats: Stats, *,
         batch_size: int, batch_timeout: float, concurrency: int = 2, write_method: str = "auto",
+        outage: Outage | None = None,
     ) -> None:
         if write_method not in WRITE_METHODS:
             raise ValueError(f"write_method must be one of {WRITE_METHODS}, not {write_method!r}")
@@ -81,6 +89,8 @@ class CopySink:
         self.batch_size, self.batch_timeout = batch_size, batch_timeout
         self.concurrency = max(1, concurrency)  # batch transactions at once (each holds a pool connection)
         self.healthy = True
+        # The batches under way meet a server that is gone as one: one probe per backoff step.
+        self.outage = outage or Outage("postgres", stats)
         self._insert = upsert_sql(table)
         self._copy_to = table.lower()  # COPY quotes its table name; the SQL above folds an unquoted one
         # Batches still to go through the staged upsert; "upsert" never leaves it.
@@ -148,14 +158,25 @@ class CopySink:
     async def flush(self, rows: list[tuple], msgs: list[dict], *, after: asyncio.Task | None = None) -> None:
         """Commit ``rows`` (retrying transient errors forever), then, once ``after`` (the batch
         before) has handed its messages on, pass ``msgs`` on."""
+        outage = self.outage
         async for attempt in AsyncRetrying(
             retry=retry_if_exception(_is_transient),
-            wait=backoff.wait,
+            wait=_wait,
             before_sleep=self._on_retry,
             reraise=True,
         ):
             with attempt:
-                inserted, bad, later = await self._write_isolating(rows, msgs)
+                step = await outage.admit()
+                try:
+                    inserted, bad, later = await self._write_isolating(rows, msgs)
+                except Exception as exc:
+                    if unanswered(exc):
+                        outage.failed(step)
+                    elif outage.step:
+                        outage.answered()
+                    raise
+                if outage.step:
+                    outage.answered()
         if after is not None:
             await after
         self.healthy = True
@@ -175,8 +196,9 @@ class CopySink:
 
     def _on_retry(self, state: Any) -> None:
         self.healthy = False
-        events.db_write_failed(self.stats, state.outcome.exception(), state.attempt_number,
-                               state.next_action.sleep if state.next_action else None)
+        exc = state.outcome.exception()
+        paced = unanswered(exc) or not state.next_action  # by the shared outage: no sleep of its own
+        events.db_write_failed(self.stats, exc, state.attempt_number, None if paced else state.next_action.sleep)
 
     async def _write_isolating(self, rows: list[tuple], msgs: list[dict]) -> tuple[int, list, list]:
         """(rows inserted, dead letters, messages left for redelivery); transient errors raise."""

@@ -122,6 +122,7 @@ class LocalStack:
             "SKIP_SSL_CERT_DOWNLOAD": "1",  # no network here; don't even try
             "DISABLE_EVENTS": "1",  # no analytics calls
             "LS_LOG": "warning",  # not a line per request: at bench rates the broker's own logging costs CPU
+            "DNS_ADDRESS": "0",  # no DNS server: instances side by side would each try port 53
             "FILESYSTEM_ROOT": str(run_dir / "fs"),
             "TMPDIR": str(run_dir),
         }

@@ -10,6 +10,7 @@ from botocore.exceptions import ConnectionClosedError, EndpointConnectionError, 
 
 from stages.pgerrors import PgFault
 from stages.pgerrors import classify as pg_classify
+from stages.pgerrors import unanswered as pg_unanswered
 from stages.sqs import Fault, classify, classify_entry, unanswered
 from tests.sqs_fake import client_error, failed_entry
 
@@ -103,3 +104,26 @@ PG_CASES = [
 @pytest.mark.parametrize(("exc", "fault"), PG_CASES, ids=lambda v: getattr(v, "name", type(v).__name__))
 def test_pg_classify(exc: BaseException, fault: PgFault) -> None:
     assert pg_classify(exc) is fault
+
+
+# Whether the server, not the statement, failed: only these hold every writer back (stages.outage).
+PG_UNANSWERED_CASES = [
+    (ConnectionRefusedError(), True),  # the server is down
+    (ConnectionResetError(), True),
+    (asyncio.TimeoutError(), True),  # connect or command timed out: nothing came back
+    (asyncpg.InterfaceError("connection is closed"), True),
+    (asyncpg.InternalClientError("waiter is not done"), True),
+    (_pg(asyncpg.ConnectionDoesNotExistError), True),  # 08003
+    (_pg(asyncpg.AdminShutdownError), True),  # 57P01
+    (_pg(asyncpg.CannotConnectNowError), True),  # 57P03: starting up
+    (_pg(asyncpg.DeadlockDetectedError), False),  # an answer: the server is there
+    (_pg(asyncpg.UndefinedTableError), False),
+    (_pg(asyncpg.LockNotAvailableError), False),
+    (_pg(asyncpg.CheckViolationError), False),
+    (TypeError("bad value"), False),
+]
+
+
+@pytest.mark.parametrize(("exc", "expected"), PG_UNANSWERED_CASES, ids=lambda v: getattr(v, "name", type(v).__name__))
+def test_pg_unanswered(exc: BaseException, expected: bool) -> None:
+    assert pg_unanswered(exc) is expected
