@@ -24,9 +24,12 @@ class Leases:
 
     Messages are capped by count (``max_in_flight``), and also by the rows and bytes they
     carry: one message may hold thousands of events (``stages.decode``), so a message count
-    alone would not bound memory. A message weighs one row and its body's length when it
-    arrives; the transformer ``weigh``s it once decoded. The row and byte caps are checked
-    before each poll, so they may be exceeded by what the receive calls under way bring.
+    alone would not bound memory. A message weighs its body's length when it arrives, and the
+    rows such a body has held so far (rows per body byte of the messages weighed, at least
+    one); the transformer ``weigh``s it once decoded. Counting one row until then let batches
+    of 100-event messages waiting in the transform workers pass the row cap many times over.
+    The caps are checked before each poll, so they may be exceeded by what the receive calls
+    under way bring.
     """
 
     def __init__(self, max_in_flight: int, max_rows: int | None = None, max_bytes: int | None = None) -> None:
@@ -38,6 +41,7 @@ class Leases:
         self.bytes = 0  # bodies and decoded payloads held
         self._weight: dict[str, tuple[int, int]] = {}  # receipt handle -> (rows, bytes) counted for it
         self._reserved = 0  # room promised to receive calls under way
+        self._rows_per_byte = 0.0  # of the bodies weighed so far (a moving average): how an arrival is counted
         self._room = asyncio.Event()
         self._room.set()
 
@@ -67,15 +71,17 @@ class Leases:
 
     def add(self, msgs: list[dict]) -> None:
         now = time.monotonic()
-        held, weight = self.held, self._weight
-        size = 0
+        held, weight, per_byte = self.held, self._weight, self._rows_per_byte
+        size = rows = 0
         for m in msgs:
             h = m["ReceiptHandle"]
             held[h] = now
             n = len(m.get("Body") or "")
-            weight[h] = (1, n)
+            r = int(n * per_byte) or 1
+            weight[h] = (r, n)
             size += n
-        self.rows += len(msgs)
+            rows += r
+        self.rows += rows
         self.bytes += size
 
     def weigh(self, handle: str, rows: int, decoded_bytes: int) -> None:
@@ -83,6 +89,8 @@ class Leases:
         old = self._weight.get(handle)
         if old is None:  # already dropped
             return
+        if old[1]:
+            self._rows_per_byte += 0.2 * (rows / old[1] - self._rows_per_byte)
         new = (rows, old[1] + decoded_bytes)
         self._weight[handle] = new
         self.rows += new[0] - old[0]
@@ -102,23 +110,40 @@ class Leases:
         self._wake()
 
 
-async def set_visibility(client: Any, queue_url: str, handles: list[str], seconds: int, stats: Stats) -> list[str]:
-    """``ChangeMessageVisibilityBatch`` over ``handles`` in tens; return the handles that succeeded.
+# ChangeMessageVisibilityBatch calls at once. One after another, 5,000 leases at a 50 ms round
+# trip took 25 s: longer than the margin the heartbeat leaves before a 30 s timeout runs out.
+VISIBILITY_CALLS = 16
 
-    A failed call is counted, logged and skipped: whatever it concerned reappears after its timeout anyway.
+
+async def set_visibility(client: Any, queue_url: str, handles: list[str], seconds: int, stats: Stats) -> list[str]:
+    """``ChangeMessageVisibilityBatch`` over ``handles`` in tens, a few calls at once; return the handles that succeeded.
+
+    A failed call is counted and logged, and the calls not yet started are skipped (an outage
+    costs one failure, not one per ten leases): whatever they concerned reappears after its
+    timeout anyway.
     """
-    done: list[str] = []
-    for chunk in chunks(handles):
-        try:
-            resp = await client.change_message_visibility_batch(
-                QueueUrl=queue_url,
-                Entries=[{"Id": str(j), "ReceiptHandle": h, "VisibilityTimeout": seconds} for j, h in enumerate(chunk)],
-            )
-        except RETRYABLE as exc:
-            events.sqs_call_failed(stats, "ChangeMessageVisibilityBatch", exc, classify(exc), visibility_s=seconds)
-            return done
-        done += [chunk[int(ok["Id"])] for ok in resp.get("Successful", ())]
-    return done
+    gate = asyncio.Semaphore(VISIBILITY_CALLS)
+    failed = False
+
+    async def call(chunk: list[str]) -> list[str]:
+        nonlocal failed
+        async with gate:
+            if failed:
+                return []
+            try:
+                resp = await client.change_message_visibility_batch(
+                    QueueUrl=queue_url,
+                    Entries=[{"Id": str(j), "ReceiptHandle": h, "VisibilityTimeout": seconds} for j, h in enumerate(chunk)],
+                )
+            except RETRYABLE as exc:
+                if not failed:
+                    failed = True
+                    events.sqs_call_failed(stats, "ChangeMessageVisibilityBatch", exc, classify(exc), visibility_s=seconds)
+                return []
+        return [chunk[int(ok["Id"])] for ok in resp.get("Successful", ())]
+
+    done = await asyncio.gather(*(call(chunk) for chunk in chunks(handles)))
+    return [h for part in done for h in part]
 
 
 class Heartbeat:

@@ -145,7 +145,7 @@ def test_processes_forward_sigterm_and_drain(queues, pg_dsn: str) -> None:  # ty
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run"], cwd=REPO, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 180  # two spawned workers, a loadgen and 200 rows, on a loaded machine
         assert proc.stderr is not None
         started = 0
         while started < 2 and time.monotonic() < deadline:  # both workers polling
@@ -154,7 +154,8 @@ def test_processes_forward_sigterm_and_drain(queues, pg_dsn: str) -> None:  # ty
         assert started == 2
         sent = run_cli("loadgen", "--count", "200", env=env)
         assert sent.returncode == 0, sent.stderr[-2000:]
-        while fetch(pg_dsn, "SELECT count(*) AS n FROM user_logins")[0]["n"] < 200 and time.monotonic() < deadline:
+        while fetch(pg_dsn, "SELECT count(*) AS n FROM user_logins")[0]["n"] < 200:
+            assert time.monotonic() < deadline, "200 rows did not arrive in time"
             time.sleep(0.2)
         proc.send_signal(signal.SIGTERM)
         stdout, stderr = proc.communicate(timeout=60)

@@ -13,7 +13,7 @@ from tests.helpers import fetch, pipeline_env, run_cli
 def test_bench_table_reports_every_variant_and_cleans_up(queues, pg_dsn: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     env = pipeline_env(queues, pg_dsn, generate_key("bt").encode())
     p = run_cli("bench", "--table", "--table-rows", "3000", "--month-rows", "2000", "--table-batches", "2",
-                "--out", str(tmp_path), env=env, timeout=120)
+                "--out", str(tmp_path), env=env, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     line = orjson.loads(p.stdout.splitlines()[-1])
     report = orjson.loads(Path(line["files"]["json"]).read_bytes())

@@ -26,11 +26,13 @@ async def test_source_respects_in_flight_cap_and_acker_deletes(queues) -> None: 
         assert stats.received == 20 == len(leases)  # the cap stops polling
         acker = Acker(client, queues.queue_url, queues.dlq_url, acks, leases, stats, concurrency=3)
         acker_task = asyncio.create_task(acker.run())
-        while stats.acked < 45:
-            batch = await asyncio.wait_for(out.get(), 10)
+        handed = 0
+        while handed < 45:  # counts what was handed on, not what was acked yet: no batch is awaited twice
+            batch = await asyncio.wait_for(out.get(), 30)
             assert all("SentTimestamp" in m["Attributes"] and "ApproximateReceiveCount" in m["Attributes"] for m in batch)
             await acks.put(Committed(batch))
-            await asyncio.sleep(0.05)
+            handed += len(batch)
+        await wait_until(lambda: stats.acked >= 45, 30, "every message to be deleted")
         task.cancel()
         await acks.put(None)
         await acker_task

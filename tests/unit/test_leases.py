@@ -6,9 +6,10 @@ import asyncio
 import time
 
 import pytest
+from botocore.exceptions import EndpointConnectionError
 
 from stages import backoff
-from stages.leases import Heartbeat, Leases, release
+from stages.leases import VISIBILITY_CALLS, Heartbeat, Leases, release
 from stages.source import SqsSource
 from stages.stats import Stats
 from tests.sqs_fake import FakeSqs, client_error, failed_entry, message
@@ -75,3 +76,68 @@ async def test_source_backs_off_on_failures_then_recovers(monkeypatch: pytest.Mo
     assert sleeps[:2] == [1, 2] and stats.errors["sqs"] == 2 and source.last_poll_ok
     assert set(leases.held) == {"h-1", "h-2"}
     assert "MessageGroupId" in sqs.calls["receive"][0]["MessageSystemAttributeNames"]
+
+
+def test_an_arrival_weighs_the_rows_such_a_body_has_held() -> None:
+    # CASE: nothing weighed yet (single events never are): a message counts one row
+    leases = Leases(100, max_rows=1000)
+    leases.add([{"ReceiptHandle": "a", "Body": "x" * 10_000}])
+    assert leases.rows == 1
+    # CASE: once 100-event bodies of 10 kB were decoded, the next such body counts about 100 rows on arrival,
+    # so batches waiting to be decoded (in the transform workers) already count against the row cap
+    leases.weigh("a", 100, 0)
+    assert leases.rows == 100
+    for i in range(20):
+        leases.add([{"ReceiptHandle": f"w{i}", "Body": "x" * 10_000}])
+        leases.weigh(f"w{i}", 100, 0)
+    before = leases.rows
+    leases.add([{"ReceiptHandle": "b", "Body": "x" * 10_000}])
+    assert 90 <= leases.rows - before <= 100
+    assert leases.full(1)  # 2,200 rows against a cap of 1,000: no more polling
+    # CASE: weighing corrects the estimate, and dropping takes back what was counted
+    leases.weigh("b", 3, 0)
+    assert leases.rows == before + 3
+    leases.drop(["b", "a", *[f"w{i}" for i in range(20)]])
+    assert leases.rows == 0 and leases.bytes == 0
+
+
+class HeldCalls:
+    """Visibility calls that wait until ``hold`` are under way at once; with ``fail_first``, the first then fails
+    and the others answer only after it has."""
+
+    def __init__(self, hold: int, fail_first: bool = False) -> None:
+        self.hold, self.fail_first = hold, fail_first
+        self.now = self.peak = self.calls = 0
+        self.all_in, self.first_failed = asyncio.Event(), asyncio.Event()
+
+    async def change_message_visibility_batch(self, **request: object) -> dict:
+        self.calls += 1
+        if self.fail_first and self.calls == 1:
+            await self.all_in.wait()
+            self.first_failed.set()
+            raise EndpointConnectionError(endpoint_url="http://sqs")
+        self.now += 1
+        self.peak = max(self.peak, self.now)
+        if self.now >= self.hold:
+            self.all_in.set()
+        await self.all_in.wait()
+        if self.fail_first:
+            await self.first_failed.wait()
+        self.now -= 1
+        return {"Successful": [{"Id": e["Id"]} for e in request["Entries"]], "Failed": []}  # type: ignore[attr-defined]
+
+
+async def test_visibility_calls_run_side_by_side() -> None:
+    # CASE: 500 leases -> 50 calls, VISIBILITY_CALLS at once (at a 50 ms round trip, one after another took 2.5 s)
+    sqs, stats, leases = HeldCalls(VISIBILITY_CALLS), Stats(), Leases(1000)
+    leases.add([message(i) for i in range(500)])
+    await asyncio.wait_for(release(sqs, "q", leases, stats), 10)
+    assert sqs.peak == VISIBILITY_CALLS and sqs.calls == 50 and stats.released == 500
+
+
+async def test_a_failed_visibility_call_skips_the_calls_not_yet_started() -> None:
+    # CASE: SQS out of reach -> one failure counted, not one per ten leases; the calls under way finish
+    sqs, stats, leases = HeldCalls(VISIBILITY_CALLS - 1, fail_first=True), Stats(), Leases(1000)
+    leases.add([message(i) for i in range(500)])
+    await asyncio.wait_for(release(sqs, "q", leases, stats), 10)
+    assert stats.errors["sqs"] == 1 and sqs.calls == VISIBILITY_CALLS and stats.released == 10 * (VISIBILITY_CALLS - 1)
