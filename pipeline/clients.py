@@ -41,6 +41,11 @@ async def masker_for(settings: Settings) -> Masker:
         raise PreflightError(str(exc)) from None
 
 
+# Connections beyond the receive and delete limits: stages.leases.VISIBILITY_CALLS heartbeat calls,
+# stages.acker.DEAD_LETTER_LANES, and a backlog poll (test_leases keeps this in step).
+OTHER_CALLS = 20
+
+
 @contextlib.asynccontextmanager
 async def sqs_client(
     settings: Settings, *, connect_timeout: float = 5, attempts: int = 4, concurrency: int | None = None,
@@ -50,7 +55,7 @@ async def sqs_client(
     delete calls the adaptive limits allow; connections open only when used)."""
     s = settings.sqs
     config = AioConfig(
-        max_pool_connections=(s.max_concurrency() if concurrency is None else concurrency) + 8,
+        max_pool_connections=(s.max_concurrency() if concurrency is None else concurrency) + OTHER_CALLS,
         connect_timeout=connect_timeout,
         read_timeout=s.wait_time_seconds + 15 if read_timeout is None else read_timeout,
         retries={"mode": "standard", "max_attempts": attempts},

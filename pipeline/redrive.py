@@ -71,7 +71,7 @@ def _noted(msg: dict, auth: OriginAuth, trust_unsigned: bool) -> tuple[Notes, st
     mid = f"{src_id}:{int(index)}" if index and index.isdecimal() and len(index) <= 9 else src_id
     if not sig:
         return (Notes.UNSIGNED_TRUSTED if trust_unsigned else Notes.NOT_TRUSTED), mid, src_sent  # type: ignore[return-value]
-    if auth.mismatch(mid, src_sent, msg["Body"], sig, DL_SOURCE_SIG) is None:  # type: ignore[arg-type]
+    if auth.mismatch(mid, src_sent, msg["Body"], sig, DL_SOURCE_SIG, note=True) is None:  # type: ignore[arg-type]
         return Notes.SIGNED, mid, src_sent  # type: ignore[return-value]
     return Notes.NOT_TRUSTED, mid, src_sent  # type: ignore[return-value]
 
@@ -121,7 +121,7 @@ async def redrive(settings: Settings, *, limit: int | None = None, wait_seconds:
     auth = (await masker_for(with_local_key(settings))).origin_auth  # before touching the DLQ: no key, no move
     started_ms = int(time.time() * 1000)
     moved, failed, later = 0, 0, 0
-    untrusted: list[str] = []  # DLQ message ids whose noted identity did not verify: put back under their own
+    untrusted: list[str] = []  # DLQ message ids moved whose noted identity did not verify: put back under their own
     by_rule: Counter = Counter()
     async with sqs_client(settings) as client:
         await check_queues(client, settings)
@@ -138,8 +138,10 @@ async def redrive(settings: Settings, *, limit: int | None = None, wait_seconds:
                 fresh = [m for m in msgs if int(m["Attributes"]["SentTimestamp"]) <= started_ms]
                 later += len(msgs) - len(fresh)  # dead-lettered after we started: they reappear later
                 for chunk in send_batches(fresh, lambda m: m["Body"]):
-                    entries = [_entry(i, m, auth, trust_unsigned_notes, untrusted) for i, m in enumerate(chunk)]
+                    doubtful: list[str] = []
+                    entries = [_entry(i, m, auth, trust_unsigned_notes, doubtful) for i, m in enumerate(chunk)]
                     sent = await _move(client, s.queue_url, s.dlq_url, chunk, entries)
+                    untrusted += [m["MessageId"] for m in sent if m["MessageId"] in doubtful]
                     moved += len(sent)
                     failed += len(chunk) - len(sent)
                     for m in sent:

@@ -152,7 +152,7 @@ class Acker:
         attempt = 0
         while True:
             attempt += 1
-            step = await outage.admit()
+            ticket = await outage.admit()
             t0 = clock()
             try:
                 resp = await self.client.delete_message_batch(
@@ -160,7 +160,7 @@ class Acker:
             except RETRYABLE as exc:
                 limit.observe(clock() - t0, failed=True)
                 if unanswered(exc):  # SQS is out of reach: the shared outage paces the retry
-                    outage.failed(step)
+                    outage.failed(ticket)
                     events.sqs_call_failed(stats, "DeleteMessageBatch", exc, Fault.TRANSIENT, attempt=attempt)
                     continue
                 outage.answered()
@@ -235,7 +235,7 @@ class Acker:
             attrs[CONTENT_ENCODING] = {"DataType": "String",
                                        "StringValue": msg["MessageAttributes"][CONTENT_ENCODING].get("StringValue", "")}
         if self.auth is not None and mid:
-            attrs[DL_SOURCE_SIG] = {"DataType": "String", "StringValue": self.auth.sign(key_of(item), sent, body)}
+            attrs[DL_SOURCE_SIG] = {"DataType": "String", "StringValue": self.auth.sign(key_of(item), sent, body, note=True)}
         return attrs
 
     def _dead_entry(self, i: int, item: Item, rule: str, reason: str) -> dict:
@@ -254,7 +254,7 @@ class Acker:
         attempt, outage = 0, self.outage
         while pending:
             attempt += 1
-            step = await outage.admit()
+            ticket = await outage.admit()
             try:
                 resp = await self.client.send_message_batch(QueueUrl=self.dlq_url, Entries=[entries[i] for i in pending])
             except RETRYABLE as exc:
@@ -263,7 +263,7 @@ class Acker:
                 if reached:
                     outage.answered()
                 else:
-                    outage.failed(step)
+                    outage.failed(ticket)
                 match fault:
                     case Fault.PERMANENT:
                         self._refuse(list(pending.values()), error_code(exc))

@@ -16,7 +16,11 @@ from . import events
 from .sqs import RETRYABLE, chunks, classify
 from .stats import Stats
 
-__all__ = ["Leases", "Heartbeat", "release", "set_visibility"]
+__all__ = ["Leases", "Heartbeat", "release", "set_visibility", "ESTIMATE_FROM_BYTES"]
+
+# Bodies this long are estimated on arrival (below, one row until weighed): the ones the transform
+# workers take (``stages.offload.MIN_BYTES``), which may wait undecoded while more arrive.
+ESTIMATE_FROM_BYTES = 4096
 
 
 class Leases:
@@ -24,9 +28,10 @@ class Leases:
 
     Messages are capped by count (``max_in_flight``), and also by the rows and bytes they
     carry: one message may hold thousands of events (``stages.decode``), so a message count
-    alone would not bound memory. A message weighs its body's length when it arrives, and the
-    rows such a body has held so far (rows per body byte of the messages weighed, at least
-    one); the transformer ``weigh``s it once decoded. Counting one row until then let batches
+    alone would not bound memory. A message weighs its body's length when it arrives, and one
+    row; a long one (``ESTIMATE_FROM_BYTES``) the rows such a body has held so far (rows per
+    body byte of the messages weighed, at least one). The transformer ``weigh``s multi-event,
+    compressed and long messages once decoded. Counting one row until then let batches
     of 100-event messages waiting in the transform workers pass the row cap many times over.
     The caps are checked before each poll, so they may be exceeded by what the receive calls
     under way bring.
@@ -77,7 +82,7 @@ class Leases:
             h = m["ReceiptHandle"]
             held[h] = now
             n = len(m.get("Body") or "")
-            r = int(n * per_byte) or 1
+            r = (int(n * per_byte) or 1) if n >= ESTIMATE_FROM_BYTES else 1
             weight[h] = (r, n)
             size += n
             rows += r

@@ -71,6 +71,7 @@ CONTENT_ENCODING = "content-encoding"
 # The message attributes the source asks SQS for: nothing else is read.
 RECEIVED_ATTRIBUTES = (*ORIGIN_ATTRIBUTES, CONTENT_ENCODING)
 
+_NOTE_LABEL = b"dead-letter note"
 _INFO = b"login-pipeline origin v1"  # HKDF context: these subkeys are for origin MACs and nothing else
 _MAX_SENT_DIGITS = 14  # milliseconds until the year 5138: anything longer is not a date
 
@@ -141,17 +142,19 @@ class OriginAuth:
     def __repr__(self) -> str:  # never print a subkey
         return f"OriginAuth(active={self.active!r}, key_ids={list(self._keys)!r})"
 
-    def _mac(self, key_id: str, mid: str, sent: str, body: str | bytes) -> str:
-        data = _frame(key_id.encode(), _utf8(mid), sent.encode(), _utf8(body))
+    def _mac(self, key_id: str, mid: str, sent: str, body: str | bytes, note: bool = False) -> str:
+        fields = (key_id.encode(), _utf8(mid), sent.encode(), _utf8(body))
+        # A dead letter's note is labelled: its signature is never a valid origin_signature (and the reverse).
+        data = _frame(_NOTE_LABEL, *fields) if note else _frame(*fields)
         mac = hmac.new(self._keys[key_id], data, hashlib.sha256).digest()
         return base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
 
-    def sign(self, mid: str, sent: str | int, body: str | bytes) -> str:
-        """``<key id>.<base64url HMAC>`` with the active key, for ``origin_signature``."""
+    def sign(self, mid: str, sent: str | int, body: str | bytes, *, note: bool = False) -> str:
+        """``<key id>.<base64url HMAC>`` with the active key, for ``origin_signature`` (``source_signature``: ``note``)."""
         sent = str(sent)
         if not mid or not valid_sent(sent):
             raise ValueError("an origin needs a message id and a send time in milliseconds")
-        return f"{self.active}.{self._mac(self.active, mid, sent, body)}"
+        return f"{self.active}.{self._mac(self.active, mid, sent, body, note)}"
 
     def problem(self, msg: dict) -> str | None:
         """Why the origin attributes of ``msg`` do not authenticate, or None if they do.
@@ -168,14 +171,14 @@ class OriginAuth:
             return f"origin: {ORIGIN_SENT} is not a send time in milliseconds"
         return self.mismatch(mid, sent, msg["Body"], sig, ORIGIN_SIG)  # type: ignore[arg-type]
 
-    def mismatch(self, mid: str, sent: str, body: str | bytes, sig: str, name: str) -> str | None:
+    def mismatch(self, mid: str, sent: str, body: str | bytes, sig: str, name: str, *, note: bool = False) -> str | None:
         """Why ``sig`` (the attribute ``name``) does not sign this identity and body, or None if it does."""
         key_id, dot, given = sig.partition(".")
         if not dot or not given:
             return f"origin: {name} is malformed (expected '<key id>.<base64url>')"
         if key_id not in self._keys:
             return f"origin: {name} names a key id that is not in the key ring"
-        expected = self._mac(key_id, mid, sent, body)
+        expected = self._mac(key_id, mid, sent, body, note)
         if not hmac.compare_digest(expected.encode(), given.encode("utf-8", "surrogatepass")):
             return f"origin: {name} does not match the identity and body"
         return None

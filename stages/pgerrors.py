@@ -70,4 +70,6 @@ def unanswered(exc: BaseException) -> bool:
     if isinstance(exc, asyncpg.PostgresError):
         code = sqlstate(exc)
         return code[:2] == "08" or code in _SERVER_GONE
+    if isinstance(exc, TimeoutError):  # a statement past command_timeout, a busy pool: slow, not gone
+        return False
     return isinstance(exc, _CONNECTION_ERRORS)

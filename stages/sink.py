@@ -166,12 +166,12 @@ class CopySink:
             reraise=True,
         ):
             with attempt:
-                step = await outage.admit()
+                ticket = await outage.admit()
                 try:
                     inserted, bad, later = await self._write_isolating(rows, msgs)
                 except Exception as exc:
                     if unanswered(exc):
-                        outage.failed(step)
+                        outage.failed(ticket)
                     elif outage.step:
                         outage.answered()
                     raise

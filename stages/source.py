@@ -93,10 +93,14 @@ class SqsSource:
         while not self._stopping:
             await limit.acquire()
             try:
-                step = await outage.admit()
                 if leases.full(10):
                     limit.congested()
                 await leases.reserve(10)
+                try:  # after the room: a probe that then waited for room would be a step without a call
+                    ticket = await outage.admit()
+                except BaseException:
+                    leases.unreserve(10)
+                    raise
                 polling.add(n)
                 t0 = clock()
                 try:
@@ -107,7 +111,7 @@ class SqsSource:
                     polling.discard(n)
                     self.last_poll_ok = False
                     if unanswered(exc):  # SQS is out of reach: the shared outage paces every caller
-                        outage.failed(step)
+                        outage.failed(ticket)
                         events.sqs_call_failed(self.stats, "ReceiveMessage", exc, classify(exc), receiver=n)
                         continue
                     outage.answered()

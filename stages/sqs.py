@@ -14,7 +14,8 @@ from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 from typing import Any, TypeVar
 
-from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
+from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError, ParamValidationError
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
 __all__ = [
     "Fault", "classify", "classify_entry", "unanswered", "error_code", "describe", "RETRYABLE", "PERMANENT_CODES",
@@ -90,9 +91,10 @@ def unanswered(exc: BaseException) -> bool:
     """Whether a failed call got no response at all (the network, a timeout): the endpoint, not the request.
 
     A response of any kind, even a refusal, proves SQS reachable; a ``ParamValidationError`` was
-    never sent. ``stages.outage`` holds every caller back on these, and only on these.
+    never sent, and missing credentials are not the endpoint's fault. ``stages.outage`` holds
+    every caller back on these, and only on these.
     """
-    return not isinstance(exc, (ClientError, ParamValidationError))
+    return isinstance(exc, (HTTPClientError, BotoConnectionError, OSError))
 
 
 def classify_entry(failed: dict[str, Any]) -> Fault:

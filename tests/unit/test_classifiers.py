@@ -6,7 +6,10 @@ import asyncio
 
 import asyncpg
 import pytest
-from botocore.exceptions import ConnectionClosedError, EndpointConnectionError, ParamValidationError, ReadTimeoutError
+from botocore.exceptions import (
+    ConnectionClosedError, ConnectTimeoutError, EndpointConnectionError, NoCredentialsError, ParamValidationError,
+    ReadTimeoutError,
+)
 
 from stages.pgerrors import PgFault
 from stages.pgerrors import classify as pg_classify
@@ -53,6 +56,8 @@ UNANSWERED_CASES = [
     (client_error("ThrottlingException", status=400), False),
     (client_error("QueueDoesNotExist"), False),
     (ParamValidationError(report="bad"), False),  # never sent
+    (NoCredentialsError(), False),  # not the endpoint's fault
+    (ConnectTimeoutError(endpoint_url="http://x"), True),
 ]
 
 
@@ -110,7 +115,7 @@ def test_pg_classify(exc: BaseException, fault: PgFault) -> None:
 PG_UNANSWERED_CASES = [
     (ConnectionRefusedError(), True),  # the server is down
     (ConnectionResetError(), True),
-    (asyncio.TimeoutError(), True),  # connect or command timed out: nothing came back
+    (asyncio.TimeoutError(), False),  # past command_timeout, or a busy pool: slow, not gone
     (asyncpg.InterfaceError("connection is closed"), True),
     (asyncpg.InternalClientError("waiter is not done"), True),
     (_pg(asyncpg.ConnectionDoesNotExistError), True),  # 08003

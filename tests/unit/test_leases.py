@@ -9,7 +9,10 @@ import pytest
 from botocore.exceptions import EndpointConnectionError
 
 from stages import backoff
-from stages.leases import VISIBILITY_CALLS, Heartbeat, Leases, release
+from pipeline.clients import OTHER_CALLS
+from stages import offload
+from stages.acker import DEAD_LETTER_LANES
+from stages.leases import ESTIMATE_FROM_BYTES, VISIBILITY_CALLS, Heartbeat, Leases, release
 from stages.source import SqsSource
 from stages.stats import Stats
 from tests.sqs_fake import FakeSqs, client_error, failed_entry, message
@@ -76,6 +79,23 @@ async def test_source_backs_off_on_failures_then_recovers(monkeypatch: pytest.Mo
     assert sleeps[:2] == [1, 2] and stats.errors["sqs"] == 2 and source.last_poll_ok
     assert set(leases.held) == {"h-1", "h-2"}
     assert "MessageGroupId" in sqs.calls["receive"][0]["MessageSystemAttributeNames"]
+
+
+def test_the_sqs_pool_has_room_for_the_calls_beside_receives_and_deletes() -> None:
+    assert OTHER_CALLS >= VISIBILITY_CALLS + DEAD_LETTER_LANES + 1
+
+
+def test_the_estimated_bodies_are_the_ones_the_workers_take() -> None:
+    assert ESTIMATE_FROM_BYTES == offload.MIN_BYTES
+
+
+def test_short_bodies_count_one_row_whatever_the_estimate() -> None:
+    # CASE: plain single events are never weighed: they must not carry the batches' rows per byte
+    leases = Leases(100)
+    leases.add([{"ReceiptHandle": "big", "Body": "x" * 10_000}])
+    leases.weigh("big", 100, 0)
+    leases.add([{"ReceiptHandle": f"s{i}", "Body": "x" * 300} for i in range(10)])
+    assert leases.rows == 100 + 10
 
 
 def test_an_arrival_weighs_the_rows_such_a_body_has_held() -> None:

@@ -74,12 +74,12 @@ async def test_an_outage_costs_one_call_per_step_not_one_per_caller(caplog: pyte
 async def test_any_answer_lets_every_waiting_caller_through() -> None:
     # CASE: callers wait out a long step; a response (even an error) ends the wait for all of them at once
     outage = Outage("sqs", Stats(), delay=lambda step: 60.0)
-    outage.failed(0)
+    outage.failed(await outage.admit())
     waiting = [asyncio.create_task(outage.admit()) for _ in range(5)]
     await asyncio.sleep(0)
     assert not any(t.done() for t in waiting)
     outage.answered()
-    assert await asyncio.wait_for(asyncio.gather(*waiting), 5) == [0] * 5
+    assert [step for _, step in await asyncio.wait_for(asyncio.gather(*waiting), 5)] == [0] * 5
 
 
 async def test_calls_under_way_at_the_onset_step_the_backoff_once() -> None:
@@ -94,10 +94,23 @@ async def test_calls_under_way_at_the_onset_step_the_backoff_once() -> None:
 async def test_a_hanging_probe_holds_no_one_past_its_step() -> None:
     # CASE: the probe never returns (or is cancelled); the next step admits another caller
     outage = Outage("sqs", Stats(), delay=lambda step: 0.01)
-    outage.failed(0)
+    outage.failed(await outage.admit())
     first = await asyncio.wait_for(outage.admit(), 5)  # this probe hangs: it never reports
     second = await asyncio.wait_for(outage.admit(), 5)
-    assert first == second == 1 and outage.step == 1
+    assert first == second and first[1] == 1 and outage.step == 1
+
+
+async def test_a_call_that_fails_after_the_recovery_starts_no_new_outage() -> None:
+    # CASE: a long poll admitted before the outage times out only after SQS answered again: old news
+    stats = Stats()
+    outage = Outage("sqs", stats, delay=lambda step: 0.01)
+    long_poll, other = await outage.admit(), await outage.admit()
+    outage.failed(other)
+    probe = await asyncio.wait_for(outage.admit(), 5)
+    outage.answered()  # the probe got an answer
+    outage.failed(long_poll)
+    outage.failed(probe)
+    assert not outage.down and stats.outages["sqs"] == 1
 
 
 async def test_receivers_and_deletes_share_one_outage() -> None:

@@ -30,16 +30,18 @@ def noted(mid: str = "src", sent: str = "1700000000000", sig: str | None = None,
 OWN = ("dlq-own", "1764201600000")
 CASES = [
     # CASE: the acker's signed note is promoted
-    (dead(noted(sig=AUTH.sign("src", "1700000000000", BODY))), False, (Notes.SIGNED, "src", "1700000000000")),
+    (dead(noted(sig=AUTH.sign("src", "1700000000000", BODY, note=True))), False, (Notes.SIGNED, "src", "1700000000000")),
     # CASE: the signed note of one event of a batch keeps its index
-    (dead(noted(sig=AUTH.sign("src:4", "1700000000000", BODY), index="4")), False,
+    (dead(noted(sig=AUTH.sign("src:4", "1700000000000", BODY, note=True), index="4")), False,
      (Notes.SIGNED, "src:4", "1700000000000")),
     # CASE: a signature moved to another index, another body, another time, or by another key: own identity
-    (dead(noted(sig=AUTH.sign("src:4", "1700000000000", BODY), index="5")), False, (Notes.NOT_TRUSTED, *OWN)),
-    (dead(noted(sig=AUTH.sign("src", "1700000000000", "{}"))), False, (Notes.NOT_TRUSTED, *OWN)),
-    (dead(noted(sent="0", sig=AUTH.sign("src", "1700000000000", BODY))), False, (Notes.NOT_TRUSTED, *OWN)),
-    (dead(noted(sig=OTHER.sign("src", "1700000000000", BODY))), False, (Notes.NOT_TRUSTED, *OWN)),
+    (dead(noted(sig=AUTH.sign("src:4", "1700000000000", BODY, note=True), index="5")), False, (Notes.NOT_TRUSTED, *OWN)),
+    (dead(noted(sig=AUTH.sign("src", "1700000000000", "{}", note=True))), False, (Notes.NOT_TRUSTED, *OWN)),
+    (dead(noted(sent="0", sig=AUTH.sign("src", "1700000000000", BODY, note=True))), False, (Notes.NOT_TRUSTED, *OWN)),
+    (dead(noted(sig=OTHER.sign("src", "1700000000000", BODY, note=True))), False, (Notes.NOT_TRUSTED, *OWN)),
     (dead(noted(sig="garbage")), False, (Notes.NOT_TRUSTED, *OWN)),
+    # CASE: an origin_signature of the same identity and body is not a note's signature
+    (dead(noted(sig=AUTH.sign("src", "1700000000000", BODY))), False, (Notes.NOT_TRUSTED, *OWN)),
     # CASE: an unsigned note (an older version's dead letter): own identity, unless the operator trusts it
     (dead(noted()), False, (Notes.NOT_TRUSTED, *OWN)),
     (dead(noted()), True, (Notes.UNSIGNED_TRUSTED, "src", "1700000000000")),
@@ -50,6 +52,9 @@ CASES = [
                   "origin_signature": AUTH.sign("orig", "1600000000000", BODY)}), False,
      (Notes.NONE, "orig", "1600000000000")),
     (dead(origin={"origin_message_id": "orig", "origin_sent_timestamp": "1600000000000"}), False, (Notes.NONE, *OWN)),
+    # CASE: a note's signature is no origin_signature either
+    (dead(origin={"origin_message_id": "orig", "origin_sent_timestamp": "1600000000000",
+                  "origin_signature": AUTH.sign("orig", "1600000000000", BODY, note=True)}), False, (Notes.NONE, *OWN)),
     (dead(), False, (Notes.NONE, *OWN)),
 ]
 
