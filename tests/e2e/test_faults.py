@@ -164,7 +164,9 @@ def test_sigterm_stops_polling_flushes_and_acks(queues, pg_dsn: str, clis) -> No
     """SIGTERM mid-stream: what was received is stored and deleted; nothing is left invisible."""
     bodies = sample_bodies(4000, seed=12)
     ids = send_all(queues.client, queues.queue_url, bodies)
-    env = env_for(queues, pg_dsn, PIPELINE_PIPELINE__BATCH_SIZE="100")
+    # The in-flight cap keeps receiving within 300 messages of the table, so a slow poll of the row count on a
+    # loaded machine cannot let the run receive everything before the signal.
+    env = env_for(queues, pg_dsn, PIPELINE_PIPELINE__BATCH_SIZE="100", PIPELINE_SQS__MAX_IN_FLIGHT="300")
     cli = clis(env)
     wait_for(lambda: row_count(pg_dsn) >= 500 or not cli.alive, 120, "rows to arrive")
     cli.proc.send_signal(signal.SIGTERM)
