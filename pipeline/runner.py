@@ -28,7 +28,7 @@ from stages.concurrency import Limiter
 from stages.leases import Heartbeat, Leases, release
 from stages.sink import CopySink, create_stage_table
 from stages.source import SqsSource
-from stages.sqs import classify
+from stages.sqs import classify, unanswered
 from stages.offload import TransformPool, default_workers
 from stages.outage import Outage
 from stages.transform import Decoding, Transformer
@@ -99,7 +99,7 @@ async def run(
         acks: asyncio.Queue = asyncio.Queue(p.queue_size * 4)
         rt.queues = {"raw": raw, "rows": rows, "acks": acks}
         leases = rt.leases = Leases(s.max_in_flight, p.max_in_flight_rows, p.max_in_flight_bytes)
-        outage = Outage("sqs", stats)  # receives, deletes and dead letters meet an unreachable SQS as one
+        outage = Outage("sqs", stats, unanswered=unanswered)  # receives, deletes and dead letters meet an unreachable SQS as one
         source = rt.source = SqsSource(
             client, s.queue_url, raw, leases, stats, receivers=_limiter(s, "receive"),
             wait_time_seconds=s.wait_time_seconds, visibility_timeout=s.visibility_timeout, outage=outage,

@@ -30,10 +30,20 @@ class ConfigError(Exception):
     """Configuration is unusable; the message is one line meant for the operator."""
 
 
-# Every AWS partition's region names: us-east-1, eu-central-2, us-gov-west-1, cn-north-1, ...
 # 63-byte identifiers less the longest suffix a derived name adds (``_create_date_message_id_key``).
 TABLE_NAME_MAX = 63 - len("_create_date_message_id_key")
+# Every AWS partition's region names: us-east-1, eu-central-2, us-gov-west-1, cn-north-1, ...
 _REGION = re.compile(r"[a-z]{2}(-[a-z]+)+-\d{1,2}")
+
+
+def _word_or_number(v: Any, word: str, low: int, high: int) -> int | str:
+    """``word``, or a whole number from ``low`` to ``high``, as TOML or an environment variable spells it."""
+    text = str(v).strip().lower()
+    if text == word:
+        return text
+    if isinstance(v, bool) or not text.isdigit() or not low <= int(text) <= high:
+        raise ValueError(f"{v!r} is neither `{word}` nor a number from {low} to {high}")
+    return int(text)
 
 
 def http_url(v: str) -> str:
@@ -110,12 +120,7 @@ class SqsSettings(_Section):
     @field_validator("receive_concurrency", "delete_concurrency", mode="before")
     @classmethod
     def _concurrency(cls, v: Any) -> int | str:
-        text = str(v).strip().lower()
-        if text == "adaptive":
-            return text
-        if isinstance(v, bool) or not text.isdigit() or not 1 <= int(text) <= 512:
-            raise ValueError(f"{v!r} is neither `adaptive` nor a number from 1 to 512")
-        return int(text)
+        return _word_or_number(v, "adaptive", 1, 512)
 
     @model_validator(mode="after")
     def _concurrency_bounds(self) -> SqsSettings:
@@ -283,12 +288,7 @@ class PipelineSettings(_Section):
     @field_validator("transform_workers", mode="before")
     @classmethod
     def _workers(cls, v: Any) -> int | str:
-        text = str(v).strip().lower()
-        if text == "auto":
-            return text
-        if isinstance(v, bool) or not text.isdigit() or int(text) > 64:
-            raise ValueError(f"{v!r} is neither `auto` nor a number from 0 to 64")
-        return int(text)
+        return _word_or_number(v, "auto", 0, 64)
 
 
 class HttpSettings(_Section):

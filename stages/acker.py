@@ -87,7 +87,8 @@ class Acker:
     ) -> None:
         self.client, self.queue_url, self.dlq_url = client, queue_url, dlq_url
         self.inbox, self.leases, self.stats = inbox, leases, stats
-        self.outage = outage or Outage("sqs", stats)  # shared with the source in a run: one outage, one backoff
+        # Shared with the source in a run: one outage, one backoff.
+        self.outage = outage or Outage("sqs", stats, unanswered=unanswered)
         self.auth = auth  # signs the identity a dead letter notes; without it, redrive will not trust the notes
         self.fifo = is_fifo(queue_url)
         self.dead_letter_attempts = dead_letter_attempts
@@ -159,11 +160,9 @@ class Acker:
                     QueueUrl=self.queue_url, Entries=[{"Id": i, "ReceiptHandle": h} for i, h in pending.items()])
             except RETRYABLE as exc:
                 limit.observe(clock() - t0, failed=True)
-                if unanswered(exc):  # SQS is out of reach: the shared outage paces the retry
-                    outage.failed(ticket)
+                if outage.settled(ticket, exc):  # SQS is out of reach: the shared outage paces the retry
                     events.sqs_call_failed(stats, "DeleteMessageBatch", exc, Fault.TRANSIENT, attempt=attempt)
                     continue
-                outage.answered()
                 if classify(exc) is not Fault.TRANSIENT:  # permanent: the queue is gone or the request refused
                     events.sqs_call_failed(stats, "DeleteMessageBatch", exc, Fault.PERMANENT)
                     leases.drop(list(pending.values()))
@@ -172,8 +171,7 @@ class Acker:
                 await asyncio.sleep(backoff.delay(attempt))
                 continue
             rtt = clock() - t0
-            if outage.step:
-                outage.answered()
+            outage.settled(ticket)
             stats.rtt["DeleteMessageBatch"].observe(rtt)
             done = [pending.pop(e["Id"]) for e in resp.get("Successful", ())]
             stats.acked += len(done)
@@ -258,12 +256,8 @@ class Acker:
             try:
                 resp = await self.client.send_message_batch(QueueUrl=self.dlq_url, Entries=[entries[i] for i in pending])
             except RETRYABLE as exc:
-                fault, reached = classify(exc), not unanswered(exc)
+                fault, reached = classify(exc), not outage.settled(ticket, exc)
                 events.sqs_call_failed(self.stats, "SendMessageBatch", exc, fault, queue="dlq", attempt=attempt)
-                if reached:
-                    outage.answered()
-                else:
-                    outage.failed(ticket)
                 match fault:
                     case Fault.PERMANENT:
                         self._refuse(list(pending.values()), error_code(exc))
@@ -275,7 +269,7 @@ class Acker:
                 if reached:  # out of reach, the shared outage paces the retry; else this backs off alone
                     await asyncio.sleep(backoff.delay(attempt))
                 continue
-            outage.answered()
+            outage.settled(ticket)
             sent = [pending.pop(ok["Id"]) for ok in resp.get("Successful", ()) if ok["Id"] in pending]
             if sent:
                 await self._dead_lettered(sent)

@@ -16,11 +16,12 @@ from . import events
 from .sqs import RETRYABLE, chunks, classify
 from .stats import Stats
 
-__all__ = ["Leases", "Heartbeat", "release", "set_visibility", "ESTIMATE_FROM_BYTES"]
+__all__ = ["Leases", "Heartbeat", "release", "set_visibility", "LONG_BODY_BYTES"]
 
-# Bodies this long are estimated on arrival (below, one row until weighed): the ones the transform
-# workers take (``stages.offload.MIN_BYTES``), which may wait undecoded while more arrive.
-ESTIMATE_FROM_BYTES = 4096
+# A body this long likely holds many events: the transform workers take it (``stages.offload``),
+# and it may wait there undecoded while more arrive, so it is estimated on arrival (a shorter one
+# counts one row until weighed).
+LONG_BODY_BYTES = 4096
 
 
 class Leases:
@@ -29,7 +30,7 @@ class Leases:
     Messages are capped by count (``max_in_flight``), and also by the rows and bytes they
     carry: one message may hold thousands of events (``stages.decode``), so a message count
     alone would not bound memory. A message weighs its body's length when it arrives, and one
-    row; a long one (``ESTIMATE_FROM_BYTES``) the rows such a body has held so far (rows per
+    row; a long one (``LONG_BODY_BYTES``) the rows such a body has held so far (rows per
     body byte of the messages weighed, at least one). The transformer ``weigh``s multi-event,
     compressed and long messages once decoded. Counting one row until then let batches
     of 100-event messages waiting in the transform workers pass the row cap many times over.
@@ -82,7 +83,7 @@ class Leases:
             h = m["ReceiptHandle"]
             held[h] = now
             n = len(m.get("Body") or "")
-            r = (int(n * per_byte) or 1) if n >= ESTIMATE_FROM_BYTES else 1
+            r = (int(n * per_byte) or 1) if n >= LONG_BODY_BYTES else 1
             weight[h] = (r, n)
             size += n
             rows += r

@@ -32,12 +32,13 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from .decode import Decoding
+from .leases import LONG_BODY_BYTES
 from .masking import Masker, MaskingKey
 from .transform import transform_message
 
 __all__ = ["TransformPool", "MIN_BYTES", "default_workers", "usable_cpus"]
 
-MIN_BYTES = 4096  # smaller bodies (one event is ~200 bytes) are transformed inline
+MIN_BYTES = LONG_BODY_BYTES  # smaller bodies (one event is ~200 bytes) are transformed inline
 
 _worker: tuple[Masker, Decoding] | None = None
 

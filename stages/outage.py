@@ -30,9 +30,10 @@ Ticket = tuple[int, int]  # (epoch, step) a call was admitted at: which news its
 
 
 class Outage:
-    def __init__(self, dependency: str, stats: Stats, *, delay: Callable[[int], float] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, dependency: str, stats: Stats, *, unanswered: Callable[[BaseException], bool],
+                 delay: Callable[[int], float] | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.dependency, self.stats = dependency, stats
+        self._unanswered = unanswered  # the dependency's classifier: which failures got no response at all
         self.step = 0  # probes failed in a row (the first failure counts one); 0: reachable
         self._epoch = 0  # bumped by each recovery: calls admitted before it say nothing about now
         self._delay = delay or (lambda step: backoff.delay(step))  # the one policy, looked up when used
@@ -60,6 +61,18 @@ class Outage:
                 self._up = asyncio.get_running_loop().create_future()
             await asyncio.wait((self._up,), timeout=wait)
         return self._epoch, 0
+
+    def settled(self, ticket: Ticket, exc: BaseException | None = None) -> bool:
+        """How a call admitted with ``ticket`` ended; True if it got no response (the outage paces its retry).
+
+        Anything else (a result, or an error the dependency answered with) proves it reachable.
+        """
+        if exc is not None and self._unanswered(exc):
+            self.failed(ticket)
+            return True
+        if self.step:
+            self.answered()
+        return False
 
     def failed(self, ticket: Ticket) -> None:
         """A call admitted with ``ticket`` got no response; only the current step's news moves the backoff."""

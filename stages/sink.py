@@ -90,7 +90,7 @@ class CopySink:
         self.concurrency = max(1, concurrency)  # batch transactions at once (each holds a pool connection)
         self.healthy = True
         # The batches under way meet a server that is gone as one: one probe per backoff step.
-        self.outage = outage or Outage("postgres", stats)
+        self.outage = outage or Outage("postgres", stats, unanswered=unanswered)
         self._insert = upsert_sql(table)
         self._copy_to = table.lower()  # COPY quotes its table name; the SQL above folds an unquoted one
         # Batches still to go through the staged upsert; "upsert" never leaves it.
@@ -170,13 +170,9 @@ class CopySink:
                 try:
                     inserted, bad, later = await self._write_isolating(rows, msgs)
                 except Exception as exc:
-                    if unanswered(exc):
-                        outage.failed(ticket)
-                    elif outage.step:
-                        outage.answered()
+                    outage.settled(ticket, exc)
                     raise
-                if outage.step:
-                    outage.answered()
+                outage.settled(ticket)
         if after is not None:
             await after
         self.healthy = True

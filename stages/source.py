@@ -35,7 +35,8 @@ class SqsSource:
     ) -> None:
         self.client, self.queue_url, self.outbox = client, queue_url, outbox
         self.leases, self.stats = leases, stats
-        self.outage = outage or Outage("sqs", stats)  # shared with the acker in a run: one outage, one backoff
+        # Shared with the acker in a run: one outage, one backoff.
+        self.outage = outage or Outage("sqs", stats, unanswered=unanswered)
         self.limit = tracked("receive", stats, receivers)  # a plain number: pinned
         # A full call (10 messages) says there is more to fetch; the limit grows only while what
         # its calls would bring still fits under the in-flight cap next to what is held.
@@ -110,11 +111,9 @@ class SqsSource:
                     leases.unreserve(10)
                     polling.discard(n)
                     self.last_poll_ok = False
-                    if unanswered(exc):  # SQS is out of reach: the shared outage paces every caller
-                        outage.failed(ticket)
+                    if outage.settled(ticket, exc):  # SQS is out of reach: the shared outage paces every caller
                         events.sqs_call_failed(self.stats, "ReceiveMessage", exc, classify(exc), receiver=n)
                         continue
-                    outage.answered()
                     failures += 1
                     sleep = backoff.delay(failures)
                     events.sqs_call_failed(self.stats, "ReceiveMessage", exc, classify(exc), receiver=n,
@@ -128,8 +127,7 @@ class SqsSource:
                     raise
                 rtt = clock() - t0
                 leases.unreserve(10)
-                if outage.step:
-                    outage.answered()
+                outage.settled(ticket)
                 failures = 0
                 self.last_poll_ok = True
                 msgs = resp.get("Messages")

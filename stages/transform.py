@@ -21,9 +21,9 @@ from . import events
 from .acker import DeadLetter
 from .addresses import normalise_ip
 from .decode import BadEvent, Decoding, Rejected, decode, event_json, has_nul, json_type, parse_error
+from .leases import LONG_BODY_BYTES
 from .masking import Masker
 from .message import ORIGIN_ATTRIBUTES, ORIGIN_ID, ORIGIN_SENT, UNAUTHENTICATED, has_origin, origin, strip_origin
-from .leases import ESTIMATE_FROM_BYTES
 from .parts import Group, Part
 
 __all__ = ["COLUMNS", "Rejected", "to_row", "event_row", "normalise_ip", "origin", "ORIGIN_ATTRIBUTES", "ORIGIN_ID",
@@ -350,7 +350,7 @@ class Transformer:
                 case One(row, decoded):
                     rows.append(row)
                     items.append(msg)
-                    if weigh is not None and (decoded or len(msg["Body"]) >= ESTIMATE_FROM_BYTES):
+                    if weigh is not None and (decoded or len(msg["Body"]) >= LONG_BODY_BYTES):
                         weigh(msg["ReceiptHandle"], 1, decoded)  # long bodies were estimated on arrival
                 case Many(n, decoded, got, indexes, bad):
                     if weigh is not None:

@@ -12,7 +12,7 @@ from stages import backoff
 from pipeline.clients import OTHER_CALLS
 from stages import offload
 from stages.acker import DEAD_LETTER_LANES
-from stages.leases import ESTIMATE_FROM_BYTES, VISIBILITY_CALLS, Heartbeat, Leases, release
+from stages.leases import LONG_BODY_BYTES, VISIBILITY_CALLS, Heartbeat, Leases, release
 from stages.source import SqsSource
 from stages.stats import Stats
 from tests.sqs_fake import FakeSqs, client_error, failed_entry, message
@@ -86,7 +86,7 @@ def test_the_sqs_pool_has_room_for_the_calls_beside_receives_and_deletes() -> No
 
 
 def test_the_estimated_bodies_are_the_ones_the_workers_take() -> None:
-    assert ESTIMATE_FROM_BYTES == offload.MIN_BYTES
+    assert LONG_BODY_BYTES == offload.MIN_BYTES
 
 
 def test_short_bodies_count_one_row_whatever_the_estimate() -> None:

@@ -12,6 +12,7 @@ from stages.acker import Acker, Committed
 from stages.leases import Leases
 from stages.outage import Outage
 from stages.source import SqsSource
+from stages.sqs import unanswered
 from stages.stats import Stats
 from tests.sqs_fake import FakeSqs, client_error, message
 
@@ -55,7 +56,7 @@ async def test_an_outage_costs_one_call_per_step_not_one_per_caller(caplog: pyte
     # CASE: 8 callers meet an outage: the calls under way fail once each, then one probe per step goes
     caplog.set_level(logging.INFO, "pipeline.outage")
     stats, service = Stats(), Service()
-    outage = Outage("sqs", stats, delay=lambda step: 0.02)
+    outage = Outage("sqs", stats, unanswered=unanswered, delay=lambda step: 0.02)
     callers = [asyncio.create_task(caller(outage, service, 1)) for _ in range(8)]
     await until(lambda: outage.step >= 8)
     assert stats.unreachable == {"sqs"} and stats.outages["sqs"] == 1
@@ -73,7 +74,7 @@ async def test_an_outage_costs_one_call_per_step_not_one_per_caller(caplog: pyte
 
 async def test_any_answer_lets_every_waiting_caller_through() -> None:
     # CASE: callers wait out a long step; a response (even an error) ends the wait for all of them at once
-    outage = Outage("sqs", Stats(), delay=lambda step: 60.0)
+    outage = Outage("sqs", Stats(), unanswered=unanswered, delay=lambda step: 60.0)
     outage.failed(await outage.admit())
     waiting = [asyncio.create_task(outage.admit()) for _ in range(5)]
     await asyncio.sleep(0)
@@ -84,7 +85,7 @@ async def test_any_answer_lets_every_waiting_caller_through() -> None:
 
 async def test_calls_under_way_at_the_onset_step_the_backoff_once() -> None:
     # CASE: stragglers admitted before the outage report it after it began: one step, not one per straggler
-    outage = Outage("sqs", Stats(), delay=lambda step: 60.0)
+    outage = Outage("sqs", Stats(), unanswered=unanswered, delay=lambda step: 60.0)
     steps = [await outage.admit() for _ in range(10)]
     for s in steps:
         outage.failed(s)
@@ -93,7 +94,7 @@ async def test_calls_under_way_at_the_onset_step_the_backoff_once() -> None:
 
 async def test_a_hanging_probe_holds_no_one_past_its_step() -> None:
     # CASE: the probe never returns (or is cancelled); the next step admits another caller
-    outage = Outage("sqs", Stats(), delay=lambda step: 0.01)
+    outage = Outage("sqs", Stats(), unanswered=unanswered, delay=lambda step: 0.01)
     outage.failed(await outage.admit())
     first = await asyncio.wait_for(outage.admit(), 5)  # this probe hangs: it never reports
     second = await asyncio.wait_for(outage.admit(), 5)
@@ -103,7 +104,7 @@ async def test_a_hanging_probe_holds_no_one_past_its_step() -> None:
 async def test_a_call_that_fails_after_the_recovery_starts_no_new_outage() -> None:
     # CASE: a long poll admitted before the outage times out only after SQS answered again: old news
     stats = Stats()
-    outage = Outage("sqs", stats, delay=lambda step: 0.01)
+    outage = Outage("sqs", stats, unanswered=unanswered, delay=lambda step: 0.01)
     long_poll, other = await outage.admit(), await outage.admit()
     outage.failed(other)
     probe = await asyncio.wait_for(outage.admit(), 5)
@@ -117,7 +118,7 @@ async def test_receivers_and_deletes_share_one_outage() -> None:
     # CASE: SqsSource and Acker on one Outage: a delete that finds SQS unreachable holds the receivers back too
     sqs = FakeSqs()
     stats, leases = Stats(), Leases(100)
-    outage = Outage("sqs", stats, delay=lambda step: 60.0)
+    outage = Outage("sqs", stats, unanswered=unanswered, delay=lambda step: 60.0)
     msgs = [message(i) for i in range(3)]
     leases.add(msgs)
     sqs.then("delete", EndpointConnectionError(endpoint_url="http://sqs"))
